@@ -114,6 +114,19 @@ def base_module_path(key: str) -> str:
     return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
 
 
+def find_module(model: Any, key: str) -> torch.nn.Module:
+    """The module of ``model`` that a LoRA module key refers to.
+
+    Works on a ``PeftModel`` (keys as saved, ``base_model.model.…``) and on the bare
+    base model (the same key without PEFT's prefix).
+    """
+    modules = dict(model.named_modules())
+    for candidate in (key, base_module_path(key), PEFT_PREFIX + key):
+        if candidate in modules:
+            return modules[candidate]
+    raise AdapterError(f"module {key!r} is not in the model; is the adapter for this base model?")
+
+
 def module_layer(key: str) -> int | None:
     """The transformer block index of a module key (first integer component), if any.
 
