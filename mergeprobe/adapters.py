@@ -25,6 +25,7 @@ torch.Size([3, 4])
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import os
@@ -325,7 +326,7 @@ def _json_safe(value: Any) -> Any:
         return sorted(_json_safe(v) for v in value)
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
-    if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):  # enums
+    if isinstance(value, enum.Enum):
         return value.value
     return value
 
