@@ -1,0 +1,322 @@
+"""One adapter's probe: the Trainer-independent logic behind :class:`MergeProbeCallback`.
+
+A :class:`ProbeRun` follows one LoRA training run through its probe window:
+
+1. :meth:`ProbeRun.begin_window` snapshots the LoRA factors, attaches the gradient
+   sketcher and starts collecting the run's own probe batch from its training inputs
+   (a forward pre-hook, so no extra data loading and no change to the data order).
+2. :meth:`ProbeRun.end_window` computes the window update, the representation
+   disturbance on the probe batch, writes the run's record to the :class:`ProbeStore`,
+   and compares the run with every compatible run already there (update and gradient
+   alignment, cross-disturbance computed with the model in memory, predicted retention).
+3. :meth:`ProbeRun.track` keeps measuring the cheap update alignment (and the predicted
+   retention it implies) against the stored runs for the rest of training.
+
+Example
+-------
+>>> from mergeprobe.probe import ProbeRun
+>>> from mergeprobe.store import ProbeStore
+>>> probe = ProbeRun(ProbeStore("probe-store"), run_name="math")  # doctest: +SKIP
+>>> probe.begin_window(peft_model, step=0)  # doctest: +SKIP
+>>> ...  # train the window
+>>> comparisons = probe.end_window(peft_model, step=8)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mergeprobe.adapters import LoraAdapter, load_adapter
+from mergeprobe.core import inner
+from mergeprobe.errors import MergeProbeError, PredictorError, StoreError
+
+COMPARABLE_STATUSES = ("complete", "finished", "stopped")
+
+
+def base_model_identity(model: Any) -> dict[str, str]:
+    """Name and weight fingerprint of a model's base, to tell which runs can be merged.
+
+    The fingerprint hashes the first 4096 values of the input embedding, so two runs
+    whose base models share a name but not weights are told apart.
+    """
+    inner_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner_model, "config", None)
+    name = str(getattr(config, "_name_or_path", "") or getattr(inner_model, "name_or_path", "") or type(inner_model).__name__)
+    embedding = inner_model.get_input_embeddings().weight.detach().reshape(-1)[:4096]
+    digest = hashlib.sha256(embedding.to(torch.float32).cpu().numpy().tobytes()).hexdigest()[:16]
+    return {"name": name, "fingerprint": digest}
+
+
+def require_lora_model(model: Any) -> None:
+    """Raise a clear error unless ``model`` is a PEFT model with LoRA layers."""
+    if not hasattr(model, "peft_config"):
+        raise MergeProbeError(
+            f"MergeProbeCallback needs a PEFT LoRA model, got {type(model).__name__}. "
+            "Wrap it first: model = peft.get_peft_model(model, LoraConfig(...))."
+        )
+    from peft.tuners.lora import LoraLayer
+
+    if not any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise MergeProbeError(
+            "the PEFT model has no LoRA layers (is it another PEFT method?); MergeProbeCallback probes LoRA adapters only."
+        )
+
+
+def _global_cosine(first: dict[str, tuple[Tensor, Tensor]], second: dict[str, tuple[Tensor, Tensor]]) -> float:
+    """Cosine of two whole adapters' updates (all shared modules as one vector)."""
+    shared = sorted(set(first) & set(second))
+    dot = sum(float(inner(first[k], second[k])) for k in shared)
+    norm_a = sum(float(inner(first[k], first[k])) for k in first) ** 0.5
+    norm_b = sum(float(inner(second[k], second[k])) for k in second) ** 0.5
+    if norm_a == 0.0 or norm_b == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, dot / (norm_a * norm_b)))
+
+
+@dataclass
+class Comparison:
+    """This run against one other run of the store."""
+
+    other: str
+    features: dict[str, float]
+    profile: tuple[list[int], list[str], Tensor] | None = None
+    predicted_retention: float | None = None
+    predicted_lower: float | None = None
+
+
+@dataclass
+class ProbeRun:
+    """The probe of one training run (see the module docstring).
+
+    Parameters
+    ----------
+    store:
+        The shared :class:`~mergeprobe.store.ProbeStore`.
+    run_name:
+        This run's name in the store.
+    run_id:
+        Identifies this run across restarts (a resumed run may rewrite its own record,
+        another run of the same name may not unless ``overwrite``).
+    sketch_dim, sketch_seed:
+        Size and seed of the gradient sketch (the same in every run of a store).
+    probe_batch_size:
+        How many of the run's own training sequences form its probe batch.
+    probe_batch:
+        Explicit probe inputs (``input_ids`` tensor, or a dict with ``input_ids`` and
+        ``attention_mask``) instead of collecting training inputs.
+    predictor:
+        A fitted :class:`~mergeprobe.predictor.MergeProbe`, or ``None``.
+    is_main:
+        Only the world-main process writes to the store and compares runs.
+    """
+
+    store: Any
+    run_name: str
+    run_id: str = ""
+    sketch_dim: int = 32
+    sketch_seed: int = 0
+    probe_batch_size: int = 16
+    probe_batch: Any = None
+    adapter_name: str = "default"
+    predictor: Any = None
+    overwrite: bool = False
+    is_main: bool = True
+    window_start: int = 0
+    signals: Any = None
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
+    _start: LoraAdapter | None = None
+    _sketcher: Any = None
+    _batch_hook: Any = None
+    _batches: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    _others: dict[str, Any] = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- window
+    def begin_window(self, model: Any, step: int) -> None:
+        """Snapshot the factors, start gradient sketching and probe-batch collection."""
+        from mergeprobe.signals import GradientSketcher
+
+        require_lora_model(model)
+        self._start = load_adapter(model, self.adapter_name)
+        self._sketcher = GradientSketcher(k=self.sketch_dim, seed=self.sketch_seed)
+        self._sketcher.attach(model)
+        self._sketcher.active = True
+        self._batches = []
+        if self.probe_batch is None:
+            self._batch_hook = model.register_forward_pre_hook(self._collect_batch, with_kwargs=True)
+        self.window_start = step
+
+    def _collect_batch(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if not module.training or sum(len(ids) for ids, _ in self._batches) >= self.probe_batch_size:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(ids, Tensor):
+            return
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if not isinstance(mask, Tensor) else mask
+        self._batches.append((ids.detach().cpu(), mask.detach().cpu()))
+
+    def _probe_inputs(self) -> tuple[Tensor, Tensor]:
+        if self.probe_batch is not None:
+            batch = self.probe_batch
+            ids = batch["input_ids"] if isinstance(batch, dict) else batch
+            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            ids = torch.as_tensor(ids)
+            return ids[: self.probe_batch_size], (torch.ones_like(ids) if mask is None else torch.as_tensor(mask))[: self.probe_batch_size]
+        if not self._batches:
+            raise MergeProbeError("no training inputs were seen during the probe window; pass probe_batch=... to the callback.")
+        length = max(ids.shape[1] for ids, _ in self._batches)
+        padded_ids, padded_mask = [], []
+        for ids, mask in self._batches:
+            pad = length - ids.shape[1]
+            padded_ids.append(torch.nn.functional.pad(ids, (0, pad), value=0))
+            padded_mask.append(torch.nn.functional.pad(mask, (0, pad), value=0))
+        return torch.cat(padded_ids)[: self.probe_batch_size], torch.cat(padded_mask)[: self.probe_batch_size]
+
+    def _stop_collecting(self) -> None:
+        if self._batch_hook is not None:
+            self._batch_hook.remove()
+            self._batch_hook = None
+        if self._sketcher is not None:
+            self._sketcher.active = False
+            self._sketcher.detach()
+
+    def end_window(self, model: Any, step: int, meta: dict[str, Any] | None = None) -> dict[str, Comparison]:
+        """Finish the window: build this run's signals, store them, compare with the other runs.
+
+        Every process must call this (the gradient sketches are all-reduced); only the
+        main process writes and compares.
+        """
+        from mergeprobe.signals import RunSignals, hidden_states, representation_disturbance, update_between
+
+        if self._start is None or self._sketcher is None:
+            raise MergeProbeError("end_window called before begin_window")
+        self._sketcher.all_reduce()
+        sketches = self._sketcher.sketches()
+        self._stop_collecting()
+        if not self.is_main:
+            return {}
+        end = load_adapter(model, self.adapter_name)
+        ids, mask = self._probe_inputs()
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                h_base = hidden_states(model, ids, mask, adapter_enabled=False)
+                h_adapted = hidden_states(model, ids, mask, adapter_enabled=True)
+        finally:
+            model.train(was_training)
+        disturbance = representation_disturbance(h_base, h_adapted)
+        self.signals = RunSignals(
+            update=update_between(self._start, end),
+            end_factors={k: m.folded() for k, m in end.modules.items()},
+            gradient=sketches,
+            disturbance=disturbance["disturbance"],
+            relative_change=disturbance["relative_change"],
+            probe_input_ids=ids,
+            probe_attention_mask=mask,
+            sketch_dim=self.sketch_dim,
+            sketch_seed=self.sketch_seed,
+        )
+        self.base = base_model_identity(model)
+        record_meta = {
+            "run_id": self.run_id,
+            "base_model": self.base["name"],
+            "base_fingerprint": self.base["fingerprint"],
+            "target_modules": sorted(end.modules),
+            "ranks": {k: m.rank for k, m in end.modules.items()},
+            "probe_steps": [int(self.window_start), int(step)],
+            "status": "complete",
+            "host": socket.gethostname(),
+            "signals": self.signals.meta(),
+            **(meta or {}),
+        }
+        self.store.write_record(self.run_name, record_meta, self.signals.to_tensors(), overwrite=self.overwrite)
+        self._compare_all(model)
+        return self.comparisons
+
+    # ------------------------------------------------------------- comparing
+    def _compatible_others(self) -> dict[str, Any]:
+        """Load (once) every other complete run of the store with the same base model."""
+        from mergeprobe.signals import RunSignals
+
+        for name in self.store.runs():
+            if name == self.run_name or name in self._others:
+                continue
+            try:
+                record = self.store.load(name)
+            except StoreError as err:
+                warnings.warn(f"skipping run {name!r} of the probe store: {err}", stacklevel=2)
+                continue
+            if record.meta.get("status") not in COMPARABLE_STATUSES:
+                continue
+            if record.meta.get("base_fingerprint") != self.base["fingerprint"]:
+                warnings.warn(
+                    f"skipping run {name!r}: it was trained on another base model "
+                    f"({record.meta.get('base_model')!r}) and cannot be merged with {self.run_name!r}.",
+                    stacklevel=2,
+                )
+                self._others[name] = None
+                continue
+            self._others[name] = RunSignals.from_tensors(record.tensors, record.meta.get("signals", {}))
+        return {k: v for k, v in self._others.items() if v is not None}
+
+    def _predict(self, features: dict[str, float]) -> tuple[float | None, float | None]:
+        if self.predictor is None:
+            return None, None
+        try:
+            mean = float(self.predictor.predict_retention(features)[0])
+            lower = float(self.predictor.predict_lower_retention(features)[0])
+        except (PredictorError, ValueError) as err:
+            warnings.warn(f"MergeProbe could not predict retention ({err}); continuing without predictions.", stacklevel=2)
+            self.predictor = None
+            return None, None
+        return mean, lower
+
+    def _compare_all(self, model: Any) -> None:
+        from mergeprobe.features import alignment_profile, cross_disturbance, pairwise_features
+
+        was_training = model.training
+        model.eval()
+        try:
+            for name, other in self._compatible_others().items():
+                with torch.no_grad():
+                    cross = cross_disturbance(model, self.signals, other)
+                features = pairwise_features(self.signals, other, cross)
+                mean, lower = self._predict(features)
+                self.comparisons[name] = Comparison(name, features, alignment_profile(self.signals, other), mean, lower)
+                if hasattr(self.store, "write_pair_features"):
+                    self.store.write_pair_features(self.run_name, name, features)
+        finally:
+            model.train(was_training)
+
+    def track(self, model: Any, step: int) -> dict[str, Comparison]:
+        """Update alignment (and the retention it implies) against every stored run, now."""
+        from mergeprobe.features import pairwise_features
+        from mergeprobe.signals import update_between
+
+        if self.signals is None or self._start is None:
+            return {}
+        current = update_between(self._start, load_adapter(model, self.adapter_name))
+        now = type(self.signals)(**{**vars(self.signals), "update": current})
+        tracked = {}
+        for name, other in self._compatible_others().items():
+            fresh = pairwise_features(now, other, None)
+            if name in self.comparisons:  # keep the window's cross-disturbance, which needs a forward pass
+                kept = {k: v for k, v in self.comparisons[name].features.items() if k.startswith("cross_disturbance")}
+                fresh = {**fresh, **kept}
+            features = fresh
+            features["update_alignment.global"] = _global_cosine(current, other.update)
+            mean, lower = self._predict(features)
+            tracked[name] = Comparison(name, features, None, mean, lower)
+        return tracked
+
+    def close(self) -> None:
+        """Remove every hook this probe installed."""
+        self._stop_collecting()
