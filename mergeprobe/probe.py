@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import tempfile
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -136,6 +138,8 @@ class ProbeRun:
     _batch_hook: Any = None
     _batches: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     _others: dict[str, Any] = field(default_factory=dict)
+    _record_meta: dict[str, Any] = field(default_factory=dict)
+    base: dict[str, str] = field(default_factory=dict)
 
     # ----------------------------------------------------------------- window
     def begin_window(self, model: Any, step: int) -> None:
@@ -237,9 +241,43 @@ class ProbeRun:
             "signals": self.signals.meta(),
             **(meta or {}),
         }
-        self.store.write_record(self.run_name, record_meta, self.signals.to_tensors(), overwrite=self.overwrite)
+        self._record_meta = record_meta
+        self._write(model, record_meta)
         self._compare_all(model)
         return self.comparisons
+
+    def _write(self, model: Any, meta: dict[str, Any]) -> None:
+        """Write this run's record with the model's current adapter saved beside the signals."""
+        with tempfile.TemporaryDirectory(prefix="mergeprobe-adapter-") as tmp:
+            model.save_pretrained(tmp, selected_adapters=[self.adapter_name])
+            source = Path(tmp) / self.adapter_name if self.adapter_name != "default" else Path(tmp)
+            self.store.write_record(self.run_name, meta, self.signals.to_tensors(), overwrite=self.overwrite, adapter=source)
+
+    def save_final_adapter(self, model: Any, status: str = "finished", **extra: Any) -> None:
+        """Rewrite this run's record with the final adapter and a final status (main process)."""
+        if not self.is_main or self.signals is None:
+            return
+        meta = {**self._record_meta, "status": status, "adapter_stage": "final", **extra}
+        self._write(model, meta)
+
+    def restore(self, model: Any, record: Any) -> None:
+        """Resume after the window: reuse the stored signals instead of recapturing them.
+
+        The window-start factors are recovered exactly as ``ΔW(end) − update``, so
+        tracking continues to measure the update since the original window start.
+        """
+        from mergeprobe.adapters import LoraModule
+        from mergeprobe.signals import RunSignals
+
+        self.signals = RunSignals.from_tensors(record.tensors, record.meta.get("signals", {}))
+        self._record_meta = {k: v for k, v in record.meta.items() if k not in ("created", "updated", "write_id")}
+        self.base = base_model_identity(model)
+        modules = {}
+        for key, (b_end, a_end) in self.signals.end_factors.items():
+            b_up, a_up = self.signals.update.get(key, (b_end[:, :0], a_end[:0]))
+            modules[key] = LoraModule(A=torch.cat([a_end, a_up]), B=torch.cat([b_end, -b_up], dim=1), scaling=1.0)
+        self._start = LoraAdapter(modules, name=f"{self.run_name}@window-start")
+        self.window_start = int(record.meta.get("probe_steps", [0])[0])
 
     # ------------------------------------------------------------- comparing
     def _compatible_others(self) -> dict[str, Any]:
@@ -320,3 +358,55 @@ class ProbeRun:
     def close(self) -> None:
         """Remove every hook this probe installed."""
         self._stop_collecting()
+
+
+def merge_finished_runs(
+    store: Any,
+    method: str,
+    model: Any,
+    base_fingerprint: str,
+    expected_runs: list[str] | None = None,
+    decision: Any = None,
+    calibration_size: int = 32,
+) -> Any:
+    """Merge the finished runs of a store once, whichever process gets there first.
+
+    The set is the runs that finished on the same base model (``expected_runs``: wait
+    until all of them finished), less the runs a ``decision`` routed or that stopped
+    early. The process that wins :meth:`ProbeStore.claim_merge` for the set merges
+    with ``method`` into ``<store>/merges/<set>/adapter`` and records it; every other
+    process returns ``None``. TaDA's probe uses ``model`` (adapters disabled) and the
+    runs' probe batches as calibration inputs.
+    """
+    from mergeprobe.merging import merge_adapters
+    from mergeprobe.store import merge_set_id
+
+    records = {r.run_name: r for r in store.records() if r.meta.get("base_fingerprint") == base_fingerprint}
+    finished = {name for name, r in records.items() if r.meta.get("status") == "finished" and r.adapter_path is not None}
+    if expected_runs is not None:
+        if not set(expected_runs) <= {n for n, r in records.items() if r.meta.get("status") in ("finished", "stopped")}:
+            return None
+        finished &= set(expected_runs)
+    routed = set(getattr(decision, "routed", ()) or ())
+    members = sorted(finished - routed)
+    if len(members) < 2:
+        return None
+    set_id = merge_set_id(members)
+    if not store.claim_merge(set_id):
+        return None
+    calibration = None
+    if method == "tada":
+        ids = torch.cat([records[m].tensors["probe_input_ids"] for m in members if "probe_input_ids" in records[m].tensors])
+        calibration = ids[:calibration_size]
+    out = store.merge_dir(set_id) / "adapter"
+    result = merge_adapters(
+        [records[m].adapter_path for m in members],
+        method=method,
+        out_dir=out,
+        base_model=model if method == "tada" else None,
+        calibration=calibration,
+        overwrite=True,
+        show_progress=False,
+    )
+    store.mark_merged(set_id, {"method": method, "runs": members, "adapter": str(out), "routed": sorted(routed)})
+    return result
