@@ -317,25 +317,34 @@ class ProbeRun:
             return None, None
         return mean, lower
 
-    def _compare_all(self, model: Any) -> None:
+    def _compare(self, model: Any, name: str, other: Any) -> Comparison:
+        """Full comparison with one run: all pairwise features, cross-disturbance included."""
         from mergeprobe.features import alignment_profile, cross_disturbance, pairwise_features
 
         was_training = model.training
         model.eval()
         try:
-            for name, other in self._compatible_others().items():
-                with torch.no_grad():
-                    cross = cross_disturbance(model, self.signals, other)
-                features = pairwise_features(self.signals, other, cross)
-                mean, lower = self._predict(features)
-                self.comparisons[name] = Comparison(name, features, alignment_profile(self.signals, other), mean, lower)
-                if hasattr(self.store, "write_pair_features"):
-                    self.store.write_pair_features(self.run_name, name, features)
+            with torch.no_grad():
+                cross = cross_disturbance(model, self.signals, other)
         finally:
             model.train(was_training)
+        features = pairwise_features(self.signals, other, cross)
+        mean, lower = self._predict(features)
+        self.store.write_pair_features(self.run_name, name, features)
+        return Comparison(name, features, alignment_profile(self.signals, other), mean, lower)
+
+    def _compare_all(self, model: Any) -> None:
+        for name, other in self._compatible_others().items():
+            self.comparisons[name] = self._compare(model, name, other)
 
     def track(self, model: Any, step: int) -> dict[str, Comparison]:
-        """Update alignment (and the retention it implies) against every stored run, now."""
+        """Compare with runs that appeared since, and re-measure update alignment with all, now.
+
+        A run that reached the store after this run's window gets the full comparison
+        (with cross-disturbance) once; then every call measures the current update's
+        alignment with each stored window update (cheap, no forward pass) and the
+        retention that implies, keeping the window's cross-disturbance.
+        """
         from mergeprobe.features import pairwise_features
         from mergeprobe.signals import update_between
 
@@ -345,11 +354,10 @@ class ProbeRun:
         now = type(self.signals)(**{**vars(self.signals), "update": current})
         tracked = {}
         for name, other in self._compatible_others().items():
-            fresh = pairwise_features(now, other, None)
-            if name in self.comparisons:  # keep the window's cross-disturbance, which needs a forward pass
-                kept = {k: v for k, v in self.comparisons[name].features.items() if k.startswith("cross_disturbance")}
-                fresh = {**fresh, **kept}
-            features = fresh
+            if name not in self.comparisons:
+                self.comparisons[name] = self._compare(model, name, other)
+            kept = {k: v for k, v in self.comparisons[name].features.items() if k.startswith("cross_")}
+            features = {**pairwise_features(now, other, None), **kept}
             features["update_alignment.global"] = _global_cosine(current, other.update)
             mean, lower = self._predict(features)
             tracked[name] = Comparison(name, features, None, mean, lower)

@@ -232,9 +232,10 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
 
             self._logger = MergeabilityLogger(self.log_dir or trainer_log_dir(args.output_dir, started_at=time.time()))
         step = int(state.global_step)
-        if self.window_done or self._resume_after_window(model, step):
+        if step > 0 and self._guard("reading this run's record", self._resume_after_window, model, step):
             return
         # Fresh start, or a resume inside the window: (re)start the window here.
+        self.window_done = False
         self.window_start, self.window_end = step, step + length
         if state.max_steps and state.max_steps > 0:
             self.window_end = min(self.window_end, int(state.max_steps))
@@ -242,7 +243,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
 
     def _resume_after_window(self, model: Any, step: int) -> bool:
         """On resume, reuse this run's stored record instead of recapturing the window."""
-        if step == 0 or self.run_name not in self.store.runs():
+        if self.run_name not in self.store.runs():
             return False
         record = self.store.load(self.run_name)
         if record.meta.get("run_id") != self.run_id or record.meta.get("status") not in ("complete", "finished", "stopped"):
@@ -330,6 +331,9 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         if not self.window_done:  # training ended inside the window
             self._end_window(model, int(state.global_step), state, control)
         if state.is_world_process_zero and not self.disabled:
+            tracked = self._guard("tracking", self._probe.track, model, int(state.global_step))
+            if tracked:
+                self._log_comparisons(tracked, int(state.global_step), images=False)
             status = "stopped" if self.stop_reason else "finished"
             self._guard("saving the final adapter", self._probe.save_final_adapter, model, status)
             if self.merge_on_end and not self.disabled:

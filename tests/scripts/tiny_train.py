@@ -68,6 +68,8 @@ def train(store: str, run_name: str, output_dir: str, seed: int = 0, max_steps: 
     callback = MergeProbeCallback(store, run_name=run_name, **callback_kwargs)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(seed), callbacks=[callback])
     trainer.train(resume_from_checkpoint=resume)
+    # On resume the Trainer may rebuild the callback from its checkpointed state: return the live one.
+    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, MergeProbeCallback)]
     return trainer, callback
 
 

@@ -1,0 +1,228 @@
+"""MergeProbeCallback on real Trainer runs of the tiny Llama: sequential, concurrent, DDP, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergeprobe.errors import MergeProbeError, SchemaVersionError
+from mergeprobe.store import ProbeStore
+from tests.scripts.tiny_train import train
+
+SCRIPT = Path(__file__).parent / "scripts" / "tiny_train.py"
+REPO = Path(__file__).resolve().parents[1]
+SCALAR_TAGS = ("mergeprobe/update_alignment/", "mergeprobe/gradient_alignment/", "mergeprobe/cross_disturbance/")
+
+
+def event_tags(run_dir: Path) -> dict[str, list[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (log_dir,) = [p for p in (run_dir / "runs").iterdir() if p.is_dir()]
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator.Tags()
+
+
+def assert_all_pairs(store: ProbeStore, runs: list[str]) -> None:
+    for a, b in combinations(runs, 2):
+        features = store.pair_features(a, b) or store.pair_features(b, a)
+        assert features, f"no features for the pair {a}, {b}"
+        for name in ("update_alignment.mean", "gradient_alignment.mean", "cross_disturbance.mean"):
+            assert name in features and features[name] == features[name], (a, b, name)
+
+
+@pytest.fixture(scope="module")
+def sequential_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sequential")
+    callbacks = {}
+    for seed, name in enumerate(["alpha", "beta", "gamma"]):
+        _, callbacks[name] = train(str(root / "store"), name, str(root / name), seed=seed, report_to=["tensorboard"], predictor=None)
+    return root, callbacks
+
+
+def test_sequential_runs_fill_the_store(sequential_runs):
+    root, callbacks = sequential_runs
+    store = ProbeStore(root / "store")
+    assert sorted(store.runs()) == ["alpha", "beta", "gamma"]
+    for name in store.runs():
+        record = store.load(name)
+        assert record.meta["status"] == "finished"
+        assert record.meta["probe_steps"] == [0, 4]
+        assert record.adapter_path is not None and (record.adapter_path / "adapter_model.safetensors").exists()
+        assert any(k.startswith("gradient.") for k in record.tensors)
+    assert_all_pairs(store, ["alpha", "beta", "gamma"])
+    assert set(callbacks["gamma"]._probe.comparisons) == {"alpha", "beta"}
+
+
+def test_tensorboard_event_files_hold_the_mergeability_tags(sequential_runs):
+    root, _ = sequential_runs
+    tags = event_tags(root / "gamma")
+    assert "train/loss" in tags["scalars"]  # same directory as the Trainer's own logs
+    for prefix in SCALAR_TAGS:
+        assert {prefix + "alpha", prefix + "beta"} <= set(tags["scalars"])
+    assert "mergeprobe/disturbance" in tags["scalars"]
+    assert {"mergeprobe/depth_profile/alpha", "mergeprobe/depth_profile/beta"} <= set(tags["images"])
+    # alpha, the first run, learns of beta and gamma at its end only if they existed: they did not.
+    assert not any(t.startswith("mergeprobe/update_alignment/") for t in event_tags(root / "alpha")["scalars"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_server_serves_the_tags(sequential_runs):
+    root, _ = sequential_runs
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(root / "gamma" / "runs"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        scalars = images = None
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as response:
+                    scalars = json.load(response)
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/images/tags", timeout=5) as response:
+                    images = json.load(response)
+                if scalars and any("mergeprobe/update_alignment/alpha" in tags for tags in scalars.values()):
+                    break
+            except OSError:
+                time.sleep(1)
+        assert scalars, "tensorboard never answered"
+        run_tags = next(iter(scalars.values()))
+        assert "mergeprobe/update_alignment/alpha" in run_tags and "mergeprobe/cross_disturbance/beta" in run_tags
+        assert "mergeprobe/depth_profile/alpha" in next(iter(images.values()))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def run_script(store: Path, name: str, out: Path, seed: int, extra: list[str] | None = None, **callback_kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--store", str(store), "--run-name", name, "--output-dir", str(out), "--seed", str(seed),
+         "--max-steps", "16", "--callback-kwargs", json.dumps({"predictor": None, **callback_kwargs}), *(extra or [])],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def test_concurrent_processes_share_one_store(tmp_path):
+    processes = [run_script(tmp_path / "store", name, tmp_path / name, seed) for seed, name in enumerate(["p", "q", "r"])]
+    for process in processes:
+        output, _ = process.communicate(timeout=400)
+        assert process.returncode == 0, output[-3000:]
+    store = ProbeStore(tmp_path / "store")
+    assert sorted(store.runs(status="finished")) == ["p", "q", "r"]
+    assert_all_pairs(store, ["p", "q", "r"])
+
+
+def test_ddp_two_processes_write_one_record(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()), str(SCRIPT),
+               "--store", str(tmp_path / "store"), "--run-name", "ddp", "--output-dir", str(tmp_path / "ddp"),
+               "--callback-kwargs", json.dumps({"predictor": None})]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    store = ProbeStore(tmp_path / "store")
+    assert store.runs() == ["ddp"]
+    record = store.load("ddp")
+    assert record.meta["status"] == "finished"
+    sketches = [v for k, v in record.tensors.items() if k.startswith("gradient.")]
+    assert sketches and all(torch.isfinite(s).all() and s.abs().sum() > 0 for s in sketches)
+    assert len(list((tmp_path / "ddp" / "runs").iterdir())) == 1  # only rank 0 writes TensorBoard events
+
+
+def test_resume_after_the_window_does_not_recapture(tmp_path):
+    store_path = str(tmp_path / "store")
+    train(store_path, "r", str(tmp_path / "out"), seed=1, max_steps=8, save_steps=6, predictor=None)
+    before = ProbeStore(store_path).load("r")
+    _, callback = train(store_path, "r", str(tmp_path / "out"), seed=1, max_steps=12, predictor=None,
+                        resume=str(tmp_path / "out" / "checkpoint-6"))
+    after = ProbeStore(store_path).load("r")
+    assert after.meta["probe_steps"] == before.meta["probe_steps"] == [0, 4]
+    for key, tensor in before.tensors.items():
+        if key.startswith(("gradient.", "update.")):
+            assert torch.equal(tensor, after.tensors[key]), key
+    assert callback.window_done
+
+
+def test_resume_inside_the_window_restarts_it(tmp_path):
+    store_path = str(tmp_path / "store")
+    train(store_path, "w", str(tmp_path / "out"), seed=2, max_steps=3, save_steps=2, predictor=None, probe_steps=6)
+    _, callback = train(store_path, "w", str(tmp_path / "out"), seed=2, max_steps=12, predictor=None, probe_steps=6,
+                        resume=str(tmp_path / "out" / "checkpoint-2"))
+    assert callback.window_start == 2 and callback.window_end == 8
+    assert ProbeStore(store_path).load("w").meta["probe_steps"] == [2, 8]
+
+
+def test_model_without_lora_is_rejected_at_train_begin(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from mergeprobe.callbacks import MergeProbeCallback
+    from tests.conftest import build_tiny_llama
+    from tests.scripts.tiny_train import TokenDataset
+
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), max_steps=2, report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=build_tiny_llama(), args=args, train_dataset=TokenDataset(0), callbacks=[MergeProbeCallback(tmp_path / "s")])
+    with pytest.raises(MergeProbeError, match="get_peft_model"):
+        trainer.train()
+
+
+def test_unknown_max_steps_requires_probe_steps(tmp_path):
+    from transformers.trainer_callback import TrainerState
+
+    from mergeprobe.callbacks import MergeProbeCallback
+
+    state = TrainerState()
+    state.max_steps = 0
+    with pytest.raises(MergeProbeError, match="probe_steps"):
+        MergeProbeCallback(tmp_path / "s")._window_length(None, state)
+
+
+def test_window_longer_than_training_is_clamped(tmp_path):
+    with pytest.warns(UserWarning, match="clamping"):
+        _, callback = train(str(tmp_path / "store"), "short", str(tmp_path / "out"), max_steps=3, predictor=None, probe_steps=10)
+    assert callback.window_end == 3
+    assert ProbeStore(tmp_path / "store").load("short").meta["probe_steps"] == [0, 3]
+
+
+def test_store_of_another_schema_is_a_clear_error(tmp_path):
+    store = ProbeStore(tmp_path / "store")
+    info = json.loads((store.path / "store.json").read_text())
+    (store.path / "store.json").write_text(json.dumps({**info, "schema_version": 999}))
+    with pytest.raises(SchemaVersionError, match="999"):
+        train(str(tmp_path / "store"), "x", str(tmp_path / "out"), max_steps=2, predictor=None)
+
+
+def test_truncated_record_is_skipped_and_the_run_continues(tmp_path):
+    store_path = tmp_path / "store"
+    train(str(store_path), "first", str(tmp_path / "a"), seed=0, max_steps=6, predictor=None)
+    signals = store_path / "runs" / "first" / "signals.safetensors"
+    signals.write_bytes(signals.read_bytes()[: signals.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="first"):
+        _, callback = train(str(store_path), "second", str(tmp_path / "b"), seed=1, max_steps=6, predictor=None)
+    assert ProbeStore(store_path).load("second").meta["status"] == "finished"
+    assert "first" not in callback._probe.comparisons
+
+
+def test_same_run_name_from_another_run_is_refused(tmp_path):
+    from mergeprobe.errors import StoreError
+
+    train(str(tmp_path / "store"), "dup", str(tmp_path / "one"), max_steps=5, predictor=None)
+    with pytest.raises(StoreError, match="overwrite"):
+        train(str(tmp_path / "store"), "dup", str(tmp_path / "two"), max_steps=5, predictor=None)
+    train(str(tmp_path / "store"), "dup", str(tmp_path / "two"), max_steps=5, predictor=None, overwrite=True)
