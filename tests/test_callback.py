@@ -161,11 +161,15 @@ def test_resume_after_the_window_does_not_recapture(tmp_path):
 
 
 def test_resume_inside_the_window_restarts_it(tmp_path):
+    from tests.scripts.tiny_train import SimulatedCrash
+
     store_path = str(tmp_path / "store")
-    train(store_path, "w", str(tmp_path / "out"), seed=2, max_steps=3, save_steps=2, predictor=None, probe_steps=6)
+    with pytest.raises(SimulatedCrash):
+        train(store_path, "w", str(tmp_path / "out"), seed=2, max_steps=12, save_steps=2, predictor=None, probe_steps=6, crash_at=3)
+    assert ProbeStore(store_path).runs() == []  # killed inside the window: no record
     _, callback = train(store_path, "w", str(tmp_path / "out"), seed=2, max_steps=12, predictor=None, probe_steps=6,
                         resume=str(tmp_path / "out" / "checkpoint-2"))
-    assert callback.window_start == 2 and callback.window_end == 8
+    assert (callback.window_start, callback.window_end) == (2, 8)
     assert ProbeStore(store_path).load("w").meta["probe_steps"] == [2, 8]
 
 

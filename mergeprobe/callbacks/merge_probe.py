@@ -151,7 +151,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 "expected_runs", "on_store_error", "overwrite", "adapter_name",
             )
         }
-        args["store"] = str(getattr(self.store, "root", self.store))
+        args["store"] = str(getattr(self.store, "path", self.store))
         attributes = {k: getattr(self, k) for k in ("window_start", "window_end", "window_done", "stop_reason")}
         return {"args": args, "attributes": attributes}
 

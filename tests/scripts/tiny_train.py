@@ -39,8 +39,31 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i], "attention_mask": torch.ones_like(self.ids[i])}
 
 
+class SimulatedCrash(RuntimeError):
+    """Raised by :class:`CrashAt` to stand for a killed training process."""
+
+
+def _crash_callback():
+    from transformers import TrainerCallback
+
+    class CrashAtStep(TrainerCallback):
+        def __init__(self, step: int):
+            self.step = step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.step:
+                raise SimulatedCrash(f"simulated crash at step {self.step}")
+
+    return CrashAtStep
+
+
+def CrashAt(step: int):  # noqa: N802 - a factory that reads like the class it builds
+    return _crash_callback()(step)
+
+
 def train(store: str, run_name: str, output_dir: str, seed: int = 0, max_steps: int = 12, report_to: list[str] | None = None,
-          resume: str | bool | None = None, save_steps: int | None = None, lr: float = 5e-3, **callback_kwargs: Any):
+          resume: str | bool | None = None, save_steps: int | None = None, lr: float = 5e-3, crash_at: int | None = None,
+          **callback_kwargs: Any):
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
@@ -66,7 +89,8 @@ def train(store: str, run_name: str, output_dir: str, seed: int = 0, max_steps: 
     callback_kwargs.setdefault("min_probe_steps", 4)
     callback_kwargs.setdefault("track_every", 4)
     callback = MergeProbeCallback(store, run_name=run_name, **callback_kwargs)
-    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(seed), callbacks=[callback])
+    callbacks = [callback] if crash_at is None else [callback, CrashAt(crash_at)]
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(seed), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     # On resume the Trainer may rebuild the callback from its checkpointed state: return the live one.
     (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, MergeProbeCallback)]

@@ -1,0 +1,431 @@
+"""Mergeability features of pairs and sets of runs, from their :class:`~mergeprobe.signals.RunSignals`.
+
+Per module shared by two runs ``a`` and ``b`` (ALGORITHMS.md §5), on the window updates
+``ΔW = B̂ A``:
+
+``update_alignment``
+    ``cos(ΔW_a, ΔW_b)`` in Frobenius geometry, exact in low rank (:func:`mergeprobe.core.cosine`).
+``log_norm_ratio``
+    ``|log(‖ΔW_a‖_F / ‖ΔW_b‖_F)|`` — absolute, so the feature is symmetric in (a, b).
+``b_crowding_top``, ``b_crowding_entropy``
+    Pico collision shares ``c_j = σ_j² / Σ σ_k²`` of ``[B̂_a B̂_b]``: the top share, and
+    the entropy ``−Σ c_j log c_j`` divided by ``log`` (number of columns), in [0, 1].
+``a_overlap``, ``b_overlap``
+    ``‖Q_aᵀ Q_b‖_F² / min(r_a, r_b)`` for orthonormal bases of the row spaces of the
+    ``A`` (resp. column spaces of the ``B̂``), ranks taken numerically; in [0, 1].
+``gradient_alignment``
+    Frobenius cosine of the two ``k × k`` gradient sketches.
+
+Each per-module feature ``f`` is summarised as ``f.mean``, ``f.max``, ``f.min`` (over
+all shared modules), ``f.shallow``, ``f.middle``, ``f.deep`` (mean over the depth
+thirds: layer ``l`` of ``L = max layer + 1`` falls in third ``⌊3l/L⌋``) and
+``f.<kind>`` (mean per projection type, e.g. ``f.q_proj``). A group with no module (a
+third of a model with fewer than three layers) takes ``f.mean``, so the names depend
+only on the modules' kinds. The stored self-disturbance adds
+``self_disturbance.mean`` / ``.max`` and ``self_relative_change.mean`` / ``.max``
+(over both runs' layers), and :func:`cross_disturbance` adds
+``cross_disturbance.mean`` / ``.max`` and ``cross_relative_change.mean`` / ``.max``.
+
+Every feature is a finite float: a zero update has alignment 0, overlaps 0 and
+crowding 0. What is ours and not the paper's: the symmetric log norm ratio, the
+normalised entropy, numerical ranks in the overlaps and the empty-group rule.
+
+Example
+-------
+>>> import torch
+>>> from mergeprobe.features import pairwise_features
+>>> from mergeprobe.signals import RunSignals
+>>> g = torch.Generator().manual_seed(0)
+>>> def run(sign):
+...     key = "base_model.model.model.layers.0.self_attn.q_proj"
+...     b, a = torch.randn(8, 2, generator=g), torch.randn(2, 8, generator=g)
+...     return RunSignals({key: (sign * b, a)}, {key: (b, a)}, {key: torch.eye(4)}, torch.zeros(1),
+...                       torch.zeros(1), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), 4, 0)
+>>> round(pairwise_features(run(1.0), run(1.0))["gradient_alignment.mean"], 6)
+1.0
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mergeprobe.adapters import module_kind, module_layer
+from mergeprobe.core import Factors, compute_dtype, cosine, frobenius_norm
+from mergeprobe.signals import RunSignals, apply_updates, hidden_states, representation_disturbance
+
+__all__ = [
+    "MODULE_FEATURES",
+    "alignment_profile",
+    "b_collision_shares",
+    "cross_disturbance",
+    "module_pair_features",
+    "pairwise_features",
+    "per_module_features",
+    "set_cross_disturbance",
+    "set_features",
+    "subspace_overlap",
+]
+
+MODULE_FEATURES = (
+    "update_alignment",
+    "log_norm_ratio",
+    "b_crowding_top",
+    "b_crowding_entropy",
+    "a_overlap",
+    "b_overlap",
+    "gradient_alignment",
+)
+"""The per-module pairwise features, in the order they are reported."""
+
+DEPTH_THIRDS = ("shallow", "middle", "deep")
+_NORM_EPS = 1e-12
+
+
+def b_collision_shares(b_factors: Sequence[Tensor]) -> Tensor:
+    """Pico collision shares ``σ_j² / Σ σ_k²`` of the stacked ``[B̂_1 … B̂_T]`` (ALGORITHMS.md §3).
+
+    Computed from the singular values of the ``d_out × R`` stack (never ``d_out × d_in``).
+    All zeros when every ``B̂`` is zero.
+
+    Example
+    -------
+    >>> b = torch.randn(6, 2)
+    >>> shares = b_collision_shares([b, b])
+    >>> round(float(shares.sum()), 6), round(float(shares[2:].abs().max()), 6)
+    (1.0, 0.0)
+    """
+    stacked = torch.cat([b.to(compute_dtype(*b_factors)) for b in b_factors], dim=1)
+    energy = torch.linalg.svdvals(stacked) ** 2
+    total = energy.sum()
+    return energy / total if total > 0 else torch.zeros_like(energy)
+
+
+def _numerical_basis(matrix: Tensor) -> Tensor:
+    """Orthonormal basis of the column space of ``matrix``, numerically rank-revealing (SVD)."""
+    matrix = matrix.to(compute_dtype(matrix))
+    u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
+    if s.numel() == 0 or s[0] <= 0:
+        return u[:, :0]
+    tol = s[0] * max(matrix.shape) * torch.finfo(torch.float32).eps
+    return u[:, : int((s > tol).sum())]
+
+
+def subspace_overlap(first: Tensor, second: Tensor) -> float:
+    """``‖Q_1ᵀ Q_2‖_F² / min(r_1, r_2)`` for the column spaces of two matrices, in [0, 1].
+
+    1 when one space contains the other, 0 when they are orthogonal or either matrix is
+    zero. Ranks are numerical (SVD with a float32-level tolerance).
+
+    Example
+    -------
+    >>> m = torch.randn(10, 3)
+    >>> round(subspace_overlap(m, m @ torch.randn(3, 3)), 6)
+    1.0
+    """
+    q_1, q_2 = _numerical_basis(first), _numerical_basis(second)
+    rank = min(q_1.shape[1], q_2.shape[1])
+    if rank == 0:
+        return 0.0
+    return float(((q_1.T @ q_2.to(q_1.dtype)) ** 2).sum() / rank)
+
+
+def _sketch_cosine(first: Tensor, second: Tensor) -> float:
+    first, second = first.to(torch.float64), second.to(torch.float64)
+    norms = float(torch.linalg.norm(first) * torch.linalg.norm(second))
+    if norms <= _NORM_EPS:
+        return 0.0
+    return max(-1.0, min(1.0, float((first * second).sum()) / norms))
+
+
+def module_pair_features(
+    update_a: Factors,
+    update_b: Factors,
+    gradient_a: Tensor | None = None,
+    gradient_b: Tensor | None = None,
+) -> dict[str, float]:
+    """The per-module features of one module shared by two runs (see the module docstring).
+
+    ``gradient_alignment`` is present only when both sketches are given.
+
+    Example
+    -------
+    >>> u = (torch.randn(6, 2), torch.randn(2, 5))
+    >>> f = module_pair_features(u, (-u[0], u[1]))
+    >>> round(f["update_alignment"], 6), round(f["log_norm_ratio"], 6), round(f["b_overlap"], 6)
+    (-1.0, 0.0, 1.0)
+    """
+    (b_a, a_a), (b_b, a_b) = update_a, update_b
+    norm_a, norm_b = float(frobenius_norm(update_a)), float(frobenius_norm(update_b))
+    shares = b_collision_shares([b_a, b_b])
+    entropy = 0.0
+    if shares.numel() > 1 and float(shares.sum()) > 0:
+        positive = shares[shares > 0]
+        entropy = float(-(positive * positive.log()).sum() / math.log(shares.numel()))
+    features = {
+        "update_alignment": float(cosine(update_a, update_b)),
+        "log_norm_ratio": abs(math.log((norm_a + _NORM_EPS) / (norm_b + _NORM_EPS))),
+        "b_crowding_top": float(shares.max()) if shares.numel() else 0.0,
+        "b_crowding_entropy": entropy,
+        "a_overlap": subspace_overlap(a_a.T, a_b.T),
+        "b_overlap": subspace_overlap(b_a, b_b),
+    }
+    if gradient_a is not None and gradient_b is not None:
+        features["gradient_alignment"] = _sketch_cosine(gradient_a, gradient_b)
+    return features
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _depth_third(layer: int, num_layers: int) -> str:
+    return DEPTH_THIRDS[min(2, (3 * layer) // max(num_layers, 1))]
+
+
+def _summarise(name: str, values: Mapping[str, float], all_keys: Sequence[str]) -> dict[str, float]:
+    """Mean/max/min, depth-third and per-kind summaries of one per-module feature.
+
+    The group names come from ``all_keys`` (every shared module), so every pair of
+    runs on the same modules gets the same feature names even when a feature is
+    missing for some modules.
+    """
+    layers = [module_layer(k) for k in all_keys]
+    num_layers = max((l for l in layers if l is not None), default=-1) + 1
+    kinds = sorted({module_kind(k) for k in all_keys})
+    groups: dict[str, list[float]] = {g: [] for g in (*DEPTH_THIRDS, *kinds)}
+    for key, value in values.items():
+        layer = module_layer(key)
+        if layer is not None:
+            groups[_depth_third(layer, num_layers)].append(value)
+        groups[module_kind(key)].append(value)
+    all_values = list(values.values())
+    overall = _mean(all_values) if all_values else 0.0
+    out = {
+        f"{name}.mean": overall,
+        f"{name}.max": max(all_values, default=0.0),
+        f"{name}.min": min(all_values, default=0.0),
+    }
+    for group, members in groups.items():
+        out[f"{name}.{group}"] = _mean(members) if members else overall
+    return out
+
+
+def _check_sketches(a: RunSignals, b: RunSignals) -> None:
+    if (a.sketch_dim, a.sketch_seed) != (b.sketch_dim, b.sketch_seed):
+        raise ValueError(
+            f"gradient sketches are not comparable: k={a.sketch_dim}, seed={a.sketch_seed} vs "
+            f"k={b.sketch_dim}, seed={b.sketch_seed}; capture every run with the same sketch_dim and sketch_seed."
+        )
+
+
+def per_module_features(a: RunSignals, b: RunSignals) -> dict[str, dict[str, float]]:
+    """Module key → :func:`module_pair_features` for every module both runs updated.
+
+    Example
+    -------
+    >>> table = per_module_features(run_a, run_b)  # doctest: +SKIP
+    >>> table["base_model.model.model.layers.0.self_attn.q_proj"]["update_alignment"]  # doctest: +SKIP
+    0.12
+    """
+    _check_sketches(a, b)
+    shared = sorted(set(a.update) & set(b.update))
+    return {
+        key: module_pair_features(a.update[key], b.update[key], a.gradient.get(key), b.gradient.get(key))
+        for key in shared
+    }
+
+
+def _layer_summary(name: str, first: Tensor, second: Tensor) -> dict[str, float]:
+    values = torch.cat([first.reshape(-1), second.reshape(-1)]).to(torch.float64)
+    if values.numel() == 0:
+        return {f"{name}.mean": 0.0, f"{name}.max": 0.0}
+    return {f"{name}.mean": float(values.mean()), f"{name}.max": float(values.max())}
+
+
+def pairwise_features(a: RunSignals, b: RunSignals, cross: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """The pairwise mergeability features of two runs (names in the module docstring).
+
+    Parameters
+    ----------
+    a, b:
+        The two runs' signals; only modules both updated count.
+    cross:
+        The output of :func:`cross_disturbance` for this pair; its ``cross_*`` summaries
+        are added.
+
+    Returns
+    -------
+    dict[str, float]
+        Finite values, names sorted; symmetric in ``a`` and ``b``.
+
+    Example
+    -------
+    >>> features = pairwise_features(run_a, run_b, cross_disturbance(model, run_a, run_b))  # doctest: +SKIP
+    >>> features["update_alignment.deep"], features["cross_disturbance.mean"]  # doctest: +SKIP
+    (0.03, 0.002)
+    """
+    table = per_module_features(a, b)
+    keys = list(table)
+    features: dict[str, float] = {}
+    for name in MODULE_FEATURES:
+        values = {key: row[name] for key, row in table.items() if name in row}
+        features.update(_summarise(name, values, keys))
+    features.update(_layer_summary("self_disturbance", a.disturbance, b.disturbance))
+    features.update(_layer_summary("self_relative_change", a.relative_change, b.relative_change))
+    for name, value in (cross or {}).items():
+        if name.startswith("cross_") and isinstance(value, (int, float)):
+            features[name] = float(value)
+    return {name: _finite(value) for name, value in sorted(features.items())}
+
+
+def alignment_profile(a: RunSignals, b: RunSignals, signal: str = "update") -> tuple[list[int], list[str], Tensor]:
+    """Per-layer × projection matrix of update (or gradient) alignment, for heatmaps.
+
+    Parameters
+    ----------
+    signal:
+        ``"update"`` for ``cos(ΔW_a, ΔW_b)``, ``"gradient"`` for the sketch cosine.
+
+    Returns
+    -------
+    layers, kinds, matrix
+        Sorted layer indices, sorted projection types and a float32
+        ``len(layers) × len(kinds)`` matrix; cells without a shared module are NaN
+        (matplotlib leaves them blank). Modules without a layer index are left out.
+
+    Example
+    -------
+    >>> layers, kinds, matrix = alignment_profile(run_a, run_b)  # doctest: +SKIP
+    >>> plt.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu")  # doctest: +SKIP
+    """
+    if signal not in ("update", "gradient"):
+        raise ValueError(f"alignment_profile: signal must be 'update' or 'gradient', got {signal!r}")
+    name = "update_alignment" if signal == "update" else "gradient_alignment"
+    cells: dict[tuple[int, str], list[float]] = {}
+    for key, row in per_module_features(a, b).items():
+        layer = module_layer(key)
+        if layer is not None and name in row:
+            cells.setdefault((layer, module_kind(key)), []).append(row[name])
+    layers = sorted({layer for layer, _ in cells})
+    kinds = sorted({kind for _, kind in cells})
+    matrix = torch.full((len(layers), len(kinds)), float("nan"), dtype=torch.float32)
+    for (layer, kind), values in cells.items():
+        matrix[layers.index(layer), kinds.index(kind)] = _mean(values)
+    return layers, kinds, matrix
+
+
+def _summed_updates(updates: Sequence[Mapping[str, Factors]]) -> dict[str, Factors]:
+    """Task arithmetic in low rank: per module, the stacked factors of the sum of the updates."""
+    merged: dict[str, Factors] = {}
+    for key in sorted(set().union(*updates)):
+        pairs = [u[key] for u in updates if key in u]
+        dtype = compute_dtype(*(t for pair in pairs for t in pair))
+        merged[key] = (torch.cat([b.to(dtype) for b, _ in pairs], dim=1), torch.cat([a.to(dtype) for _, a in pairs], dim=0))
+    return merged
+
+
+def _merge_disturbance(
+    model: torch.nn.Module, members: Sequence[RunSignals], labels: Sequence[str], batch_size: int
+) -> dict[str, Any]:
+    merged = _summed_updates([m.update for m in members])
+    out: dict[str, Any] = {}
+    disturbances, relatives = [], []
+    for label, member in zip(labels, members):
+        ids, mask = member.probe_input_ids, member.probe_attention_mask
+        with apply_updates(model, member.update):
+            own = hidden_states(model, ids, mask, adapter_enabled=False, batch_size=batch_size)
+        with apply_updates(model, merged):
+            together = hidden_states(model, ids, mask, adapter_enabled=False, batch_size=batch_size)
+        rep = representation_disturbance(own, together)
+        out[f"disturbance.{label}"] = rep["disturbance"]
+        out[f"relative_change.{label}"] = rep["relative_change"]
+        disturbances.append(rep["disturbance"])
+        relatives.append(rep["relative_change"])
+    for name, parts in (("cross_disturbance", disturbances), ("cross_relative_change", relatives)):
+        values = torch.cat(parts).to(torch.float64)
+        out[f"{name}.mean"] = _finite(float(values.mean())) if values.numel() else 0.0
+        out[f"{name}.max"] = _finite(float(values.max())) if values.numel() else 0.0
+    return out
+
+
+def cross_disturbance(model: torch.nn.Module, a: RunSignals, b: RunSignals, batch_size: int = 8) -> dict[str, Any]:
+    """How much merging disturbs each run's representations (ALGORITHMS.md §5).
+
+    On ``a``'s probe batch, the hidden states of the base model plus the task-arithmetic
+    merge ``ΔW_a + ΔW_b`` of the two window updates are compared with those of the base
+    model plus ``ΔW_a`` alone (``1 − CKA`` and relative change, per layer); the same on
+    ``b``'s batch with ``ΔW_b``. The updates are applied with
+    :func:`~mergeprobe.signals.apply_updates` with the model's own adapter disabled, so
+    ``model`` may be the ``PeftModel`` of either run or the bare base model. For LoRA
+    initialised with ``B = 0`` the window update equals the window-end ``ΔW``.
+
+    Returns
+    -------
+    dict
+        ``disturbance.a``, ``relative_change.a``, ``disturbance.b``, ``relative_change.b``
+        (per-layer float32 tensors) and the floats ``cross_disturbance.mean`` / ``.max``
+        and ``cross_relative_change.mean`` / ``.max`` over both batches and all layers.
+
+    Example
+    -------
+    >>> cross = cross_disturbance(base_model, run_a, run_b)  # doctest: +SKIP
+    >>> cross["cross_disturbance.max"]  # doctest: +SKIP
+    0.004
+    """
+    return _merge_disturbance(model, [a, b], ["a", "b"], batch_size)
+
+
+def set_cross_disturbance(model: torch.nn.Module, signals: Sequence[RunSignals], batch_size: int = 8) -> dict[str, Any]:
+    """:func:`cross_disturbance` for a whole set: the merge of every update versus each member's own.
+
+    Per-layer tensors are named ``disturbance.<i>`` / ``relative_change.<i>`` by member
+    index; the ``cross_*`` summaries are over all members and layers.
+
+    Example
+    -------
+    >>> cross_all = set_cross_disturbance(base_model, [run_a, run_b, run_c])  # doctest: +SKIP
+    """
+    if not signals:
+        raise ValueError("set_cross_disturbance needs at least one run")
+    return _merge_disturbance(model, list(signals), [str(i) for i in range(len(signals))], batch_size)
+
+
+def set_features(
+    signals: Sequence[RunSignals],
+    pairwise: Sequence[Mapping[str, float]],
+    cross_all: Mapping[str, Any] | None = None,
+) -> dict[str, float]:
+    """Set-level features: every pairwise feature aggregated over the set's pairs, plus the set's cross-disturbance.
+
+    Each pairwise feature ``f`` becomes ``f.pair_mean``, ``f.pair_max`` and
+    ``f.pair_min`` (over the pairs that have it); ``set_size`` is the number of runs;
+    the ``cross_*`` summaries of ``cross_all`` (:func:`set_cross_disturbance`) are added
+    as ``set_cross_disturbance.mean`` etc.
+
+    Example
+    -------
+    >>> pairs = [pairwise_features(x, y) for x, y in itertools.combinations(runs, 2)]  # doctest: +SKIP
+    >>> features = set_features(runs, pairs, set_cross_disturbance(base_model, runs))  # doctest: +SKIP
+    >>> features["update_alignment.mean.pair_min"]  # doctest: +SKIP
+    -0.02
+    """
+    features: dict[str, float] = {"set_size": float(len(signals))}
+    names = sorted(set().union(*pairwise)) if pairwise else []
+    for name in names:
+        values = [float(p[name]) for p in pairwise if name in p]
+        features[f"{name}.pair_mean"] = _mean(values)
+        features[f"{name}.pair_max"] = max(values)
+        features[f"{name}.pair_min"] = min(values)
+    for name, value in (cross_all or {}).items():
+        if name.startswith("cross_") and isinstance(value, (int, float)):
+            features[f"set_{name}"] = float(value)
+    return {name: _finite(value) for name, value in sorted(features.items())}

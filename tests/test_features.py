@@ -1,0 +1,168 @@
+"""Tests of mergeprobe.features: pairwise and set features, alignment profiles, cross-disturbance."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+from mergeprobe.adapters import LoraAdapter, LoraModule, load_adapter
+from mergeprobe.features import (
+    MODULE_FEATURES,
+    alignment_profile,
+    b_collision_shares,
+    cross_disturbance,
+    module_pair_features,
+    pairwise_features,
+    set_cross_disturbance,
+    set_features,
+    subspace_overlap,
+)
+from mergeprobe.signals import RunSignals, update_between
+from tests.conftest import build_lora_model, build_tiny_llama
+
+K = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _random_adapter(model_seed: int) -> LoraAdapter:
+    return load_adapter(build_lora_model(seed=model_seed))
+
+
+def _signals(model_seed: int, sign: float = 1.0, scale: float = 1.0, batch_seed: int | None = None) -> RunSignals:
+    """RunSignals of a random LoRA on the tiny Llama (window start B = 0), without training."""
+    end = _random_adapter(model_seed)
+    start = LoraAdapter({k: LoraModule(m.A, torch.zeros_like(m.B), m.scaling) for k, m in end.modules.items()}, end.config)
+    update = {k: (sign * scale * b, a) for k, (b, a) in update_between(start, end).items()}
+    g = torch.Generator().manual_seed(model_seed)
+    gradient = {k: sign * torch.randn(K, K, generator=g) for k in update}
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(model_seed if batch_seed is None else batch_seed))
+    return RunSignals(
+        update=update,
+        end_factors={k: m.folded() for k, m in end.modules.items()},
+        gradient=gradient,
+        disturbance=torch.tensor([0.1, 0.3]) * scale,
+        relative_change=torch.tensor([0.2, 0.4]) * scale,
+        probe_input_ids=ids,
+        probe_attention_mask=torch.ones_like(ids),
+        sketch_dim=K,
+        sketch_seed=0,
+    )
+
+
+def test_update_alignment_is_one_with_itself_and_minus_one_with_its_negation():
+    run = _signals(1)
+    same = pairwise_features(run, run)
+    negated = pairwise_features(run, _signals(1, sign=-1.0))
+    for name in ("mean", "min", "max", "shallow", "q_proj", "down_proj"):
+        assert same[f"update_alignment.{name}"] == pytest.approx(1.0, abs=1e-5)
+        assert negated[f"update_alignment.{name}"] == pytest.approx(-1.0, abs=1e-5)
+    assert same["gradient_alignment.mean"] == pytest.approx(1.0, abs=1e-6)
+    assert negated["gradient_alignment.mean"] == pytest.approx(-1.0, abs=1e-6)
+    assert same["a_overlap.mean"] == pytest.approx(1.0, abs=1e-5) and same["b_overlap.min"] == pytest.approx(1.0, abs=1e-5)
+    assert same["log_norm_ratio.max"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_unrelated_runs_are_less_aligned_and_features_are_symmetric():
+    a, b = _signals(1), _signals(2, scale=3.0)
+    ab, ba = pairwise_features(a, b), pairwise_features(b, a)
+    assert ab.keys() == ba.keys()
+    for name, value in ab.items():
+        assert value == pytest.approx(ba[name], abs=1e-5), name
+    assert abs(ab["update_alignment.mean"]) < 0.3
+    scaled = pairwise_features(a, _signals(1, scale=3.0))
+    assert scaled["log_norm_ratio.min"] == pytest.approx(math.log(3.0), abs=1e-4)
+    assert scaled["update_alignment.min"] == pytest.approx(1.0, abs=1e-5)
+    assert ab["a_overlap.max"] < 0.9  # independent random A rows in a 32–64 dim space
+    assert ab["self_disturbance.max"] == pytest.approx(0.9, abs=1e-6)
+
+
+def test_feature_names_are_stable_and_documented():
+    features = pairwise_features(_signals(1), _signals(2))
+    kinds = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    expected = {f"{f}.{g}" for f in MODULE_FEATURES for g in ("mean", "max", "min", "shallow", "middle", "deep", *kinds)}
+    expected |= {f"{s}.{g}" for s in ("self_disturbance", "self_relative_change") for g in ("mean", "max")}
+    assert set(features) == expected
+    # two layers: layer 0 → shallow, layer 1 → middle; the empty deep third takes the mean
+    assert features["update_alignment.deep"] == features["update_alignment.mean"]
+    assert features["update_alignment.shallow"] != features["update_alignment.middle"]
+
+
+def test_features_are_finite_for_zero_updates_and_zero_sketches():
+    zero = _signals(1, scale=0.0)
+    zero.gradient = {k: torch.zeros(K, K) for k in zero.gradient}
+    for features in (pairwise_features(zero, zero), pairwise_features(zero, _signals(2))):
+        assert all(math.isfinite(v) for v in features.values())
+        assert features["update_alignment.max"] == 0.0 and features["gradient_alignment.max"] == 0.0
+        assert features["b_overlap.max"] == 0.0 and features["a_overlap.max"] <= 1.0 + 1e-6
+    assert pairwise_features(zero, zero)["b_crowding_top.max"] == 0.0
+
+
+def test_module_features_on_hand_built_factors():
+    g = torch.Generator().manual_seed(0)
+    b, a = torch.randn(10, 2, generator=g), torch.randn(2, 7, generator=g)
+    other_b = torch.linalg.qr(torch.cat([b, torch.randn(10, 2, generator=g)], 1))[0][:, 2:]  # ⟂ to b
+    features = module_pair_features((b, a), (other_b, a))
+    assert features["update_alignment"] == pytest.approx(0.0, abs=1e-5)
+    assert features["b_overlap"] == pytest.approx(0.0, abs=1e-5) and features["a_overlap"] == pytest.approx(1.0, abs=1e-5)
+    assert "gradient_alignment" not in features
+    # identical B: the stack has rank 2 of 4 columns — crowded
+    crowded = module_pair_features((b, a), (b, a))
+    assert crowded["b_crowding_top"] > features["b_crowding_top"]
+    assert crowded["b_crowding_entropy"] < features["b_crowding_entropy"]
+    assert float(b_collision_shares([b, b])[2:].abs().max()) < 1e-6
+    assert subspace_overlap(torch.zeros(5, 2), torch.randn(5, 2)) == 0.0
+
+
+def test_alignment_profile_matches_per_module_values():
+    a, b = _signals(1), _signals(2)
+    layers, kinds, matrix = alignment_profile(a, b)
+    assert layers == [0, 1] and len(kinds) == 7 and matrix.shape == (2, 7)
+    key = "base_model.model.model.layers.1.self_attn.v_proj"
+    expected = module_pair_features(a.update[key], b.update[key])["update_alignment"]
+    assert float(matrix[1, kinds.index("v_proj")]) == pytest.approx(expected, abs=1e-6)
+    _, _, grad_matrix = alignment_profile(a, a, signal="gradient")
+    assert torch.allclose(grad_matrix, torch.ones(2, 7), atol=1e-6)
+    with pytest.raises(ValueError):
+        alignment_profile(a, b, signal="loss")
+
+
+def test_incomparable_sketches_are_refused():
+    other = _signals(2)
+    other.sketch_seed = 1
+    with pytest.raises(ValueError, match="sketch"):
+        pairwise_features(_signals(1), other)
+
+
+def test_cross_disturbance_is_zero_with_a_zero_partner_and_positive_otherwise():
+    base = build_tiny_llama()
+    a, zero = _signals(1), _signals(2, scale=0.0)
+    quiet = cross_disturbance(base, a, zero)
+    assert quiet["disturbance.a"].shape == (2,) and quiet["relative_change.b"].shape == (2,)
+    # on a's batch the merge a + 0 is a itself ...
+    assert float(quiet["disturbance.a"].max()) < 1e-6 and float(quiet["relative_change.a"].max()) < 1e-5
+    # ... while on the partner's batch merging in a is a real change to the partner's (base) states
+    assert float(quiet["disturbance.b"].min()) > 1e-3
+    loud = cross_disturbance(base, a, _signals(2, batch_seed=5))
+    assert loud["cross_disturbance.max"] > 1e-3 and loud["cross_relative_change.mean"] > 1e-2
+    features = pairwise_features(a, zero, quiet)
+    assert {"cross_disturbance.mean", "cross_disturbance.max", "cross_relative_change.mean"} <= set(features)
+    assert "disturbance.a" not in features
+
+
+def test_set_features_aggregate_pairs_and_add_the_set_cross_disturbance():
+    runs = [_signals(1), _signals(2), _signals(1, sign=-1.0)]
+    pairs = [pairwise_features(runs[i], runs[j]) for i, j in ((0, 1), (0, 2), (1, 2))]
+    cross_all = set_cross_disturbance(build_tiny_llama(), runs)
+    assert {"disturbance.0", "disturbance.2"} <= set(cross_all)
+    features = set_features(runs, pairs, cross_all)
+    assert features["set_size"] == 3.0
+    assert features["update_alignment.mean.pair_min"] == pytest.approx(-1.0, abs=1e-5)
+    values = [p["update_alignment.mean"] for p in pairs]
+    assert features["update_alignment.mean.pair_mean"] == pytest.approx(sum(values) / 3)
+    assert features["update_alignment.mean.pair_max"] == pytest.approx(max(values))
+    # runs 0 and 2 cancel, so the merge of all three is run 1 alone: each member's own update is disturbed
+    assert features["set_cross_disturbance.max"] > 1e-3
+    assert all(math.isfinite(v) for v in features.values())
