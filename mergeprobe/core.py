@@ -173,6 +173,29 @@ class CoreSpace:
         return b, a, s
 
 
+def collision_shares(b_factors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(U, c)``: left singular vectors of ``[B̂_1 … B̂_T]`` and their collision shares (Pico, §3).
+
+    ``c_j = σ_j² / Σ_k σ_k²`` (all zeros when every ``B̂_t`` is zero). The SVD runs
+    through the QR of the stack (``O(d_out R²)``), via :func:`mergeprobe.core.svd_of_update`
+    applied to ``(B_all, I_R)``.
+    """
+    dtype = compute_dtype(*b_factors)
+    b_all = torch.cat([b.to(dtype) for b in b_factors], dim=1)
+    identity = torch.eye(b_all.shape[1], dtype=b_all.dtype)
+    u, s, _ = svd_of_update((b_all, identity))
+    energy = s.square()
+    total = energy.sum()
+    shares = energy / total if total > 0 else torch.zeros_like(energy)
+    return u, shares
+
+
+def share_entropy(shares: torch.Tensor) -> float:
+    """Shannon entropy (nats) of the collision shares; 0 when one direction holds everything."""
+    positive = shares[shares > 0]
+    return float(-(positive * positive.log()).sum()) if len(positive) else 0.0
+
+
 def energy_kept(singular_values: Tensor, rank: int | None) -> float:
     """Share of the squared singular values that a truncation to ``rank`` components keeps."""
     total = float((singular_values**2).sum())

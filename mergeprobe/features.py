@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from mergeprobe.adapters import module_kind, module_layer
-from mergeprobe.core import Factors, compute_dtype, cosine, frobenius_norm
+from mergeprobe.core import Factors, collision_shares, compute_dtype, cosine, frobenius_norm
 from mergeprobe.signals import RunSignals, apply_updates, hidden_states, representation_disturbance
 
 __all__ = [
@@ -89,9 +89,6 @@ _NORM_EPS = 1e-12
 def b_collision_shares(b_factors: Sequence[Tensor]) -> Tensor:
     """Pico collision shares ``σ_j² / Σ σ_k²`` of the stacked ``[B̂_1 … B̂_T]`` (ALGORITHMS.md §3).
 
-    Computed from the singular values of the ``d_out × R`` stack (never ``d_out × d_in``).
-    All zeros when every ``B̂`` is zero.
-
     Example
     -------
     >>> b = torch.randn(6, 2)
@@ -99,10 +96,7 @@ def b_collision_shares(b_factors: Sequence[Tensor]) -> Tensor:
     >>> round(float(shares.sum()), 6), round(float(shares[2:].abs().max()), 6)
     (1.0, 0.0)
     """
-    stacked = torch.cat([b.to(compute_dtype(*b_factors)) for b in b_factors], dim=1)
-    energy = torch.linalg.svdvals(stacked) ** 2
-    total = energy.sum()
-    return energy / total if total > 0 else torch.zeros_like(energy)
+    return collision_shares(b_factors)[1]
 
 
 def _numerical_basis(matrix: Tensor) -> Tensor:

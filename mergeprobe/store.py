@@ -20,6 +20,7 @@ Layout
       runs/.<run_name>.tmp-<hex>/  a write in progress (or killed): never read
       runs/.<run_name>.old-<hex>/  the previous version during an overwrite
       outcomes/<id>.json           measured retention after a real merge
+      pairs/<a>+<b>.json           features of the ordered pair (a, b), written by a's probe
       merges/<set_id>/
         CLAIM                      created with O_CREAT|O_EXCL by the one process that merges
         result.json                written by mark_merged
@@ -982,10 +983,15 @@ class ProbeStore:
             return False
         except OSError as err:
             raise self._store_error("claim the merge of", claim, err) from err
-        with self._os_errors("write", claim), os.fdopen(fd, "wb") as handle:
-            handle.write(_json_text(info, "claim").encode())
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(_json_text(info, "claim").encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:
+            with suppress(OSError):
+                os.unlink(claim)  # give the claim back: this process cannot merge either
+            raise self._store_error("write", claim, err) from err
         return True
 
     def mark_merged(self, set_id: str, info: Mapping[str, Any]) -> Path:
@@ -1077,7 +1083,7 @@ class ProbeStore:
 
 
 PAIRS_DIR = "pairs"
-PAIR_SEPARATOR = "--"
+PAIR_SEPARATOR = "+"  # run names cannot contain "+", so a pair file name is unambiguous
 
 
 def _entries(folder: Path) -> list[Path]:

@@ -40,37 +40,14 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
 
-from mergeprobe.core import CoreSpace, Factors, energy_kept, frobenius_norm, svd_of_update
+from mergeprobe.core import CoreSpace, Factors, collision_shares, energy_kept, frobenius_norm, share_entropy
 from mergeprobe.errors import MergeError
 from mergeprobe.merging.base import MergeContext, MergeMethod, ModuleInputs, ModuleResult
 from mergeprobe.merging.registry import get_method, register
 
 if TYPE_CHECKING:
     from mergeprobe.adapters import LoraAdapter
-
-
-def collision_shares(updates: Sequence[Factors]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U, c)``: left singular vectors of ``[B̂_1 … B̂_T]`` and their collision shares.
-
-    ``c_j = σ_j² / Σ_k σ_k²`` (all zeros when every ``B̂_t`` is zero). The SVD runs
-    through the QR of the stack (``O(d_out R²)``), via :func:`mergeprobe.core.svd_of_update`
-    applied to ``(B_all, I_R)``.
-    """
-    b_all = torch.cat([b for b, _ in updates], dim=1)
-    identity = torch.eye(b_all.shape[1], dtype=b_all.dtype)
-    u, s, _ = svd_of_update((b_all, identity))
-    energy = s.square()
-    total = energy.sum()
-    shares = energy / total if total > 0 else torch.zeros_like(energy)
-    return u, shares
-
-
-def share_entropy(shares: torch.Tensor) -> float:
-    """Shannon entropy (nats) of the collision shares; 0 when one direction holds everything."""
-    positive = shares[shares > 0]
-    return float(-(positive * positive.log()).sum()) if len(positive) else 0.0
 
 
 @register
@@ -130,7 +107,7 @@ class Pico(MergeMethod):
         if count == 0:
             raise MergeError(f"pico: module {inputs.key!r} has no update in any adapter.")
 
-        u, shares = collision_shares([inputs.updates[i] for i in present])
+        u, shares = collision_shares([inputs.updates[i][0] for i in present])
         alpha = 1.0 / (1.0 + (count - 1) * shares)
         calibrated: list[Factors] = []
         for b, a in inputs.updates:
