@@ -22,6 +22,8 @@ _EXPORTS = {
     "load_adapter": "mergeprobe.adapters",
     "save_adapter": "mergeprobe.adapters",
     "CoreSpace": "mergeprobe.core",
+    "ProbeStore": "mergeprobe.store",
+    "RunRecord": "mergeprobe.store",
     "MergeResult": "mergeprobe.merging",
     "merge_adapters": "mergeprobe.merging",
     "available_methods": "mergeprobe.merging",
@@ -33,6 +35,13 @@ _EXPORTS = {
     "StoreError": "mergeprobe.errors",
     "SchemaVersionError": "mergeprobe.errors",
     "PredictorError": "mergeprobe.errors",
+    "MergeProbeCallback": "mergeprobe.callbacks",
+    "MergeProbe": "mergeprobe.predictor",
+    "decide": "mergeprobe.decision",
+    "Decision": "mergeprobe.decision",
+    "DecisionThresholds": "mergeprobe.decision",
+    "Router": "mergeprobe.routing",
+    "RoutedModel": "mergeprobe.routing",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

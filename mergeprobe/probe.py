@@ -368,6 +368,30 @@ class ProbeRun:
         self._stop_collecting()
 
 
+def decide_for_store(store: Any, runs: list[str], predictor: Any, thresholds: Any = None) -> Any:
+    """The set decision for ``runs`` from their stored pair features and ``predictor``.
+
+    Every ordered pair's retention is predicted from the features in the store (see
+    :meth:`ProbeStore.pairwise_features`); a pair's conflict share is its top
+    B-space collision share (``b_crowding_top.mean``): interference concentrated in
+    one direction is what pruning can remove.
+    """
+    from mergeprobe.decision import decide
+
+    pairs = [(i, j) for i in runs for j in runs if i != j]
+    features = {pair: store.pairwise_features(*pair) for pair in pairs}
+    mean = predictor.predict_retention([features[p] for p in pairs])
+    lower = predictor.predict_lower_retention([features[p] for p in pairs])
+    conflict = {p: float(features[p].get("b_crowding_top.mean", 0.0)) for p in pairs}
+    return decide(
+        runs,
+        {p: float(v) for p, v in zip(pairs, mean)},
+        {p: float(v) for p, v in zip(pairs, lower)},
+        conflict_share=conflict,
+        thresholds=thresholds,
+    )
+
+
 def merge_finished_runs(
     store: Any,
     method: str,

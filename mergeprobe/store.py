@@ -875,16 +875,23 @@ class ProbeStore:
     # ----------------------------------------------------------------- features
 
     def pairwise_features(self, run_a: str, run_b: str, model: Any = None) -> dict[str, float]:
-        """Pairwise mergeability features of two stored runs.
+        """Pairwise mergeability features of two stored runs, oriented (a, b).
 
-        With ``model`` (the base model with its PEFT wrapper), the cross-disturbance
-        features are computed too (``features.cross_disturbance``).
+        Without ``model``, the features a run's probe stored for this pair (with the
+        cross-disturbance it computed on the model it had in memory) are returned; the
+        reverse orientation stands in when only that one was stored. Otherwise they
+        are computed from the two records; with ``model`` (the base model with its
+        PEFT wrapper) the cross-disturbance features are computed too.
 
         Example
         -------
-        >>> store.pairwise_features("math", "code")["update_alignment_mean"]  # doctest: +SKIP
+        >>> store.pairwise_features("math", "code")["update_alignment.mean"]  # doctest: +SKIP
         0.03
         """
+        if model is None:
+            stored = self.pair_features(run_a, run_b) or self.pair_features(run_b, run_a)
+            if stored is not None:
+                return stored
         from mergeprobe import features
 
         a = self.load_signals(run_a)

@@ -76,6 +76,21 @@ def heatmap_image(matrix: np.ndarray, rows: Sequence[Any], cols: Sequence[str], 
     return image
 
 
+def decision_markdown(decision: Any) -> str:
+    """A decision as Markdown: the action, the sets and the reasons with their numbers."""
+    lines = [
+        f"**{decision.action}**" + (f" with `{decision.method}`" if decision.method else ""),
+        "",
+        f"- merge: {', '.join(decision.merge_set) or '—'}",
+        f"- route: {', '.join(decision.routed) or '—'}",
+        f"- predicted min retention: {decision.predicted_min_retention:.3f}",
+    ]
+    if decision.weights:
+        lines.append("- weights: " + ", ".join(f"{k} {v:.2f}" for k, v in decision.weights.items()))
+    lines += ["", *[f"1. {reason}" for reason in decision.reasons]]
+    return "\n".join(lines)
+
+
 class MergeabilityLogger:
     """Writes mergeprobe's scalars, heatmaps and decisions to one TensorBoard directory.
 

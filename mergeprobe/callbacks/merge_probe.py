@@ -67,8 +67,10 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
     log_dir, tensorboard:
         TensorBoard directory (default: the Trainer's run directory) and whether to log.
     predictor:
-        ``"default"`` (the shipped MergeProbe, if present), a fitted
-        :class:`~mergeprobe.predictor.MergeProbe`, or ``None``.
+        ``"default"`` (the shipped MergeProbe, if present), a path to a saved one, a
+        fitted :class:`~mergeprobe.predictor.MergeProbe`, or ``None``.
+    thresholds:
+        :class:`~mergeprobe.decision.DecisionThresholds` for the set decision.
     stop_unmergeable:
         Stop training this adapter when the decision routes it away from the set.
     merge_on_end:
@@ -100,6 +102,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         log_dir: str | None = None,
         tensorboard: bool = True,
         predictor: Any = "default",
+        thresholds: Any = None,
         stop_unmergeable: bool = False,
         merge_on_end: str | None = None,
         expected_runs: Sequence[str] | None = None,
@@ -124,6 +127,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self.log_dir = log_dir
         self.tensorboard = tensorboard
         self.predictor = predictor
+        self.thresholds = thresholds
         self.stop_unmergeable = stop_unmergeable
         self.merge_on_end = merge_on_end
         self.expected_runs = list(expected_runs) if expected_runs is not None else None
@@ -262,6 +266,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             tracked = self._guard("tracking", self._probe.track, model, step)
             if tracked:
                 self._log_comparisons(tracked, step, images=False)
+                self._apply_decision(tracked, step, control)
 
     def _end_window(self, model: Any, step: int, state: Any, control: Any) -> None:
         self.window_done = True
@@ -278,34 +283,34 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 step,
             )
         self._log_comparisons(comparisons, step, images=True)
-        self.decision = self._decide(comparisons)
-        if self.decision is not None:
-            if self._logger is not None:
-                self._logger.text("decision", self.decision.to_markdown() if hasattr(self.decision, "to_markdown") else str(self.decision.to_dict()), step)
-            if self.stop_unmergeable and self.run_name in getattr(self.decision, "routed", ()):
-                self.stop_reason = "; ".join(self.decision.reasons)
-                control.should_training_stop = True
-                self._guard("recording the stop", self.store.update_status, self.run_name, "stopped", stop_reason=self.stop_reason, stopped_at_step=step)
+        self._apply_decision(comparisons, step, control)
         if self._logger is not None:
             self._logger.flush()
 
+    def _apply_decision(self, comparisons: dict[str, Comparison], step: int, control: Any) -> None:
+        """Decide for the set, log the decision, and stop this run if it is routed away."""
+        from mergeprobe.tracking import decision_markdown
+
+        self.decision = self._decide(comparisons)
+        if self.decision is None:
+            return
+        if self._logger is not None:
+            self._logger.text("decision", decision_markdown(self.decision), step)
+        if self.stop_unmergeable and self.run_name in self.decision.routed and not self.stop_reason:
+            self.stop_reason = "; ".join(self.decision.reasons)
+            control.should_training_stop = True
+            self._guard(
+                "recording the stop", self.store.update_status, self.run_name, "stopped",
+                stop_reason=self.stop_reason, stopped_at_step=step,
+            )
+
     def _decide(self, comparisons: dict[str, Comparison]) -> Any:
         """The set decision over this run and the runs it was compared with (needs a predictor)."""
-        predicted = {name: c for name, c in comparisons.items() if c.predicted_retention is not None}
-        if not predicted:
+        if self._probe.predictor is None or not comparisons:
             return None
-        from mergeprobe.decision import decide
+        from mergeprobe.probe import decide_for_store
 
-        retention = {}
-        lower = {}
-        for name, comparison in predicted.items():
-            retention[(self.run_name, name)] = comparison.predicted_retention
-            lower[(self.run_name, name)] = comparison.predicted_lower
-            stored = self.store.pair_features(name, self.run_name) if hasattr(self.store, "pair_features") else None
-            if stored is not None:
-                retention[(name, self.run_name)] = float(self._probe.predictor.predict_retention(stored)[0])
-                lower[(name, self.run_name)] = float(self._probe.predictor.predict_lower_retention(stored)[0])
-        return decide([self.run_name, *predicted], retention, lower)
+        return decide_for_store(self.store, [self.run_name, *comparisons], self._probe.predictor, self.thresholds)
 
     def _log_comparisons(self, comparisons: dict[str, Comparison], step: int, images: bool) -> None:
         if self._logger is None:
@@ -335,7 +340,8 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             if tracked:
                 self._log_comparisons(tracked, int(state.global_step), images=False)
             status = "stopped" if self.stop_reason else "finished"
-            self._guard("saving the final adapter", self._probe.save_final_adapter, model, status)
+            extra = {"stop_reason": self.stop_reason} if self.stop_reason else {}
+            self._guard("saving the final adapter", self._probe.save_final_adapter, model, status, **extra)
             if self.merge_on_end and not self.disabled:
                 self._guard("merging on end", self._merge_on_end, model)
         self._probe.close()

@@ -39,6 +39,12 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i], "attention_mask": torch.ones_like(self.ids[i])}
 
 
+def negated_lm_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    """Minus the causal-LM loss: training on it is gradient ascent."""
+    logits = outputs.logits[:, :-1].reshape(-1, outputs.logits.shape[-1])
+    return -torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
 class SimulatedCrash(RuntimeError):
     """Raised by :class:`CrashAt` to stand for a killed training process."""
 
@@ -63,7 +69,7 @@ def CrashAt(step: int):  # noqa: N802 - a factory that reads like the class it b
 
 def train(store: str, run_name: str, output_dir: str, seed: int = 0, max_steps: int = 12, report_to: list[str] | None = None,
           resume: str | bool | None = None, save_steps: int | None = None, lr: float = 5e-3, crash_at: int | None = None,
-          **callback_kwargs: Any):
+          ascent: bool = False, data_seed: int | None = None, **callback_kwargs: Any):
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
@@ -90,7 +96,10 @@ def train(store: str, run_name: str, output_dir: str, seed: int = 0, max_steps: 
     callback_kwargs.setdefault("track_every", 4)
     callback = MergeProbeCallback(store, run_name=run_name, **callback_kwargs)
     callbacks = [callback] if crash_at is None else [callback, CrashAt(crash_at)]
-    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(seed), callbacks=callbacks)
+    # ascent=True maximises the loss: its updates oppose those of the same run by descent (a constructed conflict).
+    loss_func = negated_lm_loss if ascent else None
+    dataset = TokenDataset(seed if data_seed is None else data_seed)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks, compute_loss_func=loss_func)
     trainer.train(resume_from_checkpoint=resume)
     # On resume the Trainer may rebuild the callback from its checkpointed state: return the live one.
     (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, MergeProbeCallback)]
@@ -106,9 +115,11 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=12)
     parser.add_argument("--report-to", default="")
     parser.add_argument("--callback-kwargs", default="{}")
+    parser.add_argument("--train-kwargs", default="{}")
     options = parser.parse_args()
     train(options.store, options.run_name, options.output_dir, options.seed, options.max_steps,
-          report_to=[r for r in options.report_to.split(",") if r], **json.loads(options.callback_kwargs))
+          report_to=[r for r in options.report_to.split(",") if r], **json.loads(options.train_kwargs),
+          **json.loads(options.callback_kwargs))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""The callback acting on predictions: early stop of an unmergeable adapter, merge when the last run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from peft import PeftModel
+
+from mergeprobe.predictor import MergeProbe
+from mergeprobe.store import ProbeStore
+from tests.conftest import build_tiny_llama
+from tests.scripts.tiny_train import train
+from tests.test_callback import REPO, SCRIPT
+
+
+@pytest.fixture(scope="module")
+def alignment_predictor(tmp_path_factory) -> str:
+    """A MergeProbe fitted on a constructed table: retention rises with update alignment.
+
+    The callback mechanics are under test here, not the shipped model, so the
+    predictor learns a known rule: opposed updates (alignment −1) keep nothing, aligned
+    ones (+1) keep everything.
+    """
+    alignment = np.linspace(-1, 1, 81)
+    rows = [{"update_alignment.mean": float(u)} for u in alignment]
+    probe = MergeProbe(max_iter=60, min_samples_leaf=3).fit(rows, (1 + alignment) / 2)
+    path = tmp_path_factory.mktemp("predictor") / "alignment.skops"
+    probe.save(path)
+    return str(path)
+
+
+def test_early_stop_on_a_constructed_unmergeable_pair(tmp_path, alignment_predictor):
+    store = str(tmp_path / "store")
+    _, first = train(store, "descent", str(tmp_path / "a"), seed=0, max_steps=16, predictor=alignment_predictor, stop_unmergeable=True)
+    assert first.stop_reason is None  # alone in the store: nothing to decide
+    trainer, opposed = train(store, "ascent", str(tmp_path / "b"), seed=0, max_steps=16, ascent=True,
+                             predictor=alignment_predictor, stop_unmergeable=True)
+    assert opposed.decision is not None and opposed.decision.action == "route"
+    assert "ascent" in opposed.decision.routed
+    assert trainer.state.global_step < 16  # stopped at the window end, not trained to the end
+    record = ProbeStore(store).load("ascent")
+    assert record.meta["status"] == "stopped"
+    assert record.meta["stop_reason"] == opposed.stop_reason and "retention" in record.meta["stop_reason"]
+
+
+def test_no_early_stop_on_a_mergeable_pair(tmp_path, alignment_predictor):
+    store = str(tmp_path / "store")
+    train(store, "one", str(tmp_path / "a"), seed=0, max_steps=12, predictor=alignment_predictor, stop_unmergeable=True)
+    trainer, twin = train(store, "two", str(tmp_path / "b"), seed=0, max_steps=12, predictor=alignment_predictor,
+                          stop_unmergeable=True)
+    assert twin.decision is not None and twin.decision.action in ("merge", "reweight")
+    assert twin.decision.routed == [] and twin.stop_reason is None
+    assert trainer.state.global_step == 12
+    assert ProbeStore(store).load("two").meta["status"] == "finished"
+
+
+def test_merge_on_end_writes_exactly_one_adapter_for_concurrent_runs(tmp_path):
+    runs = ["p", "q", "r"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    kwargs = json.dumps({"predictor": None, "merge_on_end": "linear", "expected_runs": runs})
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--store", str(tmp_path / "store"), "--run-name", name, "--output-dir",
+             str(tmp_path / name), "--seed", str(seed), "--max-steps", "10", "--callback-kwargs", kwargs],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for seed, name in enumerate(runs)
+    ]
+    for process in processes:
+        output, _ = process.communicate(timeout=400)
+        assert process.returncode == 0, output[-3000:]
+    store = ProbeStore(tmp_path / "store")
+    merges = store.merges()
+    assert len(merges) == 1 and merges[0]["merged"]
+    assert merges[0]["info"]["runs"] == runs
+    adapter = merges[0]["path"] / "adapter"
+    assert (adapter / "adapter_model.safetensors").exists()
+    PeftModel.from_pretrained(build_tiny_llama(), str(adapter))  # a standard PEFT adapter
