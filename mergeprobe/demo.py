@@ -1,0 +1,217 @@
+"""``mergeprobe demo``: the whole product on the embedded default model, start to finish.
+
+Three LoRA adapters are trained one after another on benchmark tasks with
+:class:`~mergeprobe.callbacks.MergeProbeCallback` attached (one task chosen to conflict
+with another: the same input format, a different output). After each probe window the
+pairwise predicted retention and the set decision are printed; an adapter predicted
+unmergeable is stopped early; the rest is merged with the method the decision picks
+and evaluated against each single adapter. Everything lands in one directory: the
+probe store, the TensorBoard logs and the merged adapter.
+
+Example
+-------
+>>> from mergeprobe.demo import DemoConfig, run_demo
+>>> summary = run_demo(DemoConfig(quick=True, out_dir="demo-out"))  # doctest: +SKIP
+>>> summary["decision"]["action"]  # doctest: +SKIP
+'merge'
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class DemoConfig:
+    """What the demo trains. ``quick`` swaps in a tiny Llama built from a config (no real learning)."""
+
+    tasks: tuple[str, ...] = ("reverse", "arithmetic", "sort_letters")
+    steps: int = 60
+    learning_rate: float = 2e-3
+    rank: int = 8
+    batch_size: int = 8
+    train_examples: int = 480
+    test_examples: int = 64
+    out_dir: str = "mergeprobe-demo"
+    model: str = "default"
+    quick: bool = False
+    predictor: Any = "default"
+    seed: int = 0
+    overwrite: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.quick:
+            self.steps = min(self.steps, 16)
+            self.train_examples = min(self.train_examples, 128)
+            self.test_examples = min(self.test_examples, 16)
+
+
+def _tiny_model(tokenizer: Any) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(config)
+    model.config.name_or_path = "tiny-llama-demo"
+    return model
+
+
+def _load(config: DemoConfig) -> tuple[Any, Any]:
+    from mergeprobe.models import load_base_model
+
+    if not config.quick:
+        return load_base_model(config.model)
+    from transformers import AutoTokenizer
+
+    from mergeprobe.models import default_model_file
+
+    path = default_model_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return _tiny_model(tokenizer), tokenizer
+
+
+def _retention_table(console: Any, run: str, callback: Any) -> None:
+    from rich.table import Table
+
+    comparisons = callback._probe.comparisons if callback._probe else {}
+    if not comparisons:
+        console.print(f"[dim]{run}: first run in the store, nothing to compare yet.[/dim]")
+        return
+    table = Table(title=f"after {run}'s probe window (step {callback.window_end})")
+    for column in ("pair", "update align.", "gradient align.", "cross-disturbance", "predicted retention"):
+        table.add_column(column, justify="right" if column != "pair" else "left")
+    for other, comparison in comparisons.items():
+        f = comparison.features
+        predicted = "—" if comparison.predicted_retention is None else f"{comparison.predicted_retention:.2f} (≥{comparison.predicted_lower:.2f})"
+        table.add_row(f"{run} + {other}", f"{f.get('update_alignment.mean', float('nan')):+.3f}",
+                      f"{f.get('gradient_alignment.mean', float('nan')):+.3f}", f"{f.get('cross_disturbance.mean', float('nan')):.3f}", predicted)
+    console.print(table)
+    if callback.decision is not None:
+        d = callback.decision
+        method = f" with {d.method}" if d.method else ""
+        console.print(f"[bold]decision:[/bold] {d.action}{method}")
+        for reason in d.reasons:
+            console.print(f"  • {reason}")
+
+
+def run_demo(config: DemoConfig | None = None, console: Any = None) -> dict[str, Any]:
+    """Train, probe, decide, merge and evaluate; returns the summary (also written as JSON)."""
+    import json
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from rich.console import Console
+    from transformers import Trainer, TrainingArguments
+
+    from mergeprobe.callbacks import MergeProbeCallback
+    from mergeprobe.merging import merge_adapters
+    from mergeprobe.store import ProbeStore
+    from mergeprobe.tasks import TaskDataset, collate, get_task, score
+
+    config = config or DemoConfig()
+    console = console or Console()
+    out = Path(config.out_dir)
+    if out.exists() and config.overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    console.rule("mergeprobe demo")
+    console.print(f"loading {'a tiny Llama (--quick)' if config.quick else 'the embedded SmolLM2-135M-Instruct'} …")
+    base, tokenizer = _load(config)
+    torch.manual_seed(config.seed)
+    tasks = [get_task(name) for name in config.tasks]
+    test_sets = {t.name: t.examples("test", config.test_examples, seed=config.seed) for t in tasks}
+    base_scores = {t.name: score(base, tokenizer, t, test_sets[t.name]) for t in tasks}
+    store_path = out / "probe-store"
+    summary: dict[str, Any] = {"config": asdict(config), "runs": {}, "base_scores": base_scores}
+    callbacks: dict[str, Any] = {}
+    for task in tasks:
+        console.rule(f"training {task.name}: {task.description}")
+        model = get_peft_model(base, LoraConfig(r=config.rank, lora_alpha=2 * config.rank, target_modules=ALL_LINEAR, lora_dropout=0.0))
+        args = TrainingArguments(
+            output_dir=str(out / "runs" / task.name), max_steps=config.steps, per_device_train_batch_size=config.batch_size,
+            learning_rate=config.learning_rate, lr_scheduler_type="constant", logging_steps=5, save_strategy="no",
+            report_to=["tensorboard"], use_cpu=True, seed=config.seed, disable_tqdm=False,
+        )
+        callback = MergeProbeCallback(str(store_path), run_name=task.name, predictor=config.predictor, stop_unmergeable=True,
+                                      track_every=20)
+        data = TaskDataset(tokenizer, task.examples("train", config.train_examples, seed=config.seed))
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback],
+                          data_collator=lambda rows: collate(rows, tokenizer.pad_token_id or 0))
+        trainer.train()
+        callbacks[task.name] = callback
+        _retention_table(console, task.name, callback)
+        single = score(model, tokenizer, task, test_sets[task.name])
+        summary["runs"][task.name] = {
+            "steps_trained": int(trainer.state.global_step), "steps_planned": config.steps, "stopped": callback.stop_reason,
+            "base_score": base_scores[task.name], "single_score": single,
+        }
+        console.print(f"{task.name}: score {single:.2f} alone (base model {base_scores[task.name]:.2f}), "
+                      f"{trainer.state.global_step}/{config.steps} steps")
+        base = model.unload()  # the base weights back, without LoRA layers
+    decision = callbacks[tasks[-1].name].decision
+    store = ProbeStore(store_path)
+    finished = [name for name in config.tasks if store.load(name).meta.get("status") == "finished"]
+    if decision is not None:
+        members = [m for m in decision.merge_set if m in finished]
+        method, params = decision.method or "linear", ({"base": decision.base_method} if decision.method == "pico" and decision.base_method else {})
+        weights = [decision.weights.get(m, 1.0) for m in members]
+    else:
+        console.print("[yellow]no retention predictor is available: merging every finished adapter with task arithmetic.[/yellow]")
+        members, method, params, weights = finished, "linear", {}, None
+    summary["decision"] = decision.to_dict() if decision is not None else None
+    if len(members) >= 2:
+        console.rule(f"merging {', '.join(members)} with {method}")
+        calibration = None
+        if method == "tada":
+            calibration = torch.cat([store.load(m).tensors["probe_input_ids"] for m in members])
+        merged_dir = out / "merged-adapter"
+        merge_adapters([store.load(m).adapter_path for m in members], method=method, weights=weights, out_dir=merged_dir,
+                       overwrite=True, base_model=base if method == "tada" else None, calibration=calibration, **params)
+        merged_model = PeftModel.from_pretrained(base, str(merged_dir))
+        merged_scores = {m: score(merged_model, tokenizer, get_task(m), test_sets[m]) for m in members}
+        base = merged_model.unload()
+        summary["merged"] = {"members": members, "method": method, "adapter": str(merged_dir), "scores": merged_scores}
+    _print_summary(console, summary, callbacks, out)
+    summary["seconds"] = round(time.time() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def _print_summary(console: Any, summary: dict[str, Any], callbacks: dict[str, Any], out: Path) -> None:
+    from rich.table import Table
+
+    merged = summary.get("merged") or {}
+    table = Table(title="summary")
+    for column in ("adapter", "base", "alone", "merged", "measured retention", "predicted retention", "steps"):
+        table.add_column(column, justify="left" if column == "adapter" else "right")
+    decision = summary.get("decision") or {}
+    predicted = decision.get("member_retention", {}) if decision else {}
+    for name, run in summary["runs"].items():
+        merged_score = merged.get("scores", {}).get(name)
+        retention = merged_score / run["single_score"] if merged_score is not None and run["single_score"] > 0 else None
+        table.add_row(
+            name, f"{run['base_score']:.2f}", f"{run['single_score']:.2f}",
+            "—" if merged_score is None else f"{merged_score:.2f}",
+            "—" if retention is None else f"{retention:.2f}",
+            f"{predicted[name]:.2f}" if name in predicted else "—",
+            f"{run['steps_trained']}/{run['steps_planned']}" + (" (stopped early)" if run["stopped"] else ""),
+        )
+    console.print(table)
+    if decision:
+        console.print(f"decision: [bold]{decision['action']}[/bold]; merged {', '.join(decision['merge_set']) or 'nothing'}"
+                      f"; routed {', '.join(decision['routed']) or 'nothing'}")
+    if merged:
+        console.print(f"merged adapter: {merged['adapter']}  (PeftModel.from_pretrained(base, {merged['adapter']!r}))")
+    console.print(f"probe store: {out / 'probe-store'}   TensorBoard logs: {out / 'runs'}")
+    console.print(f"open TensorBoard: [bold]tensorboard --logdir {out / 'runs'}[/bold]")
