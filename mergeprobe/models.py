@@ -58,6 +58,9 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: Any = None) -> tup
         source = name_or_path
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    if getattr(model, "hf_quantizer", None) is not None and kwargs.get("gguf_file"):
+        # GGUF weights are dequantised to float32 on load; without this the Trainer refuses to train them.
+        model.hf_quantizer.remove_quantization_config(model)
     if name_or_path == DEFAULT_MODEL:
         model.config.name_or_path = DEFAULT_MODEL_ID
         model.name_or_path = DEFAULT_MODEL_ID
