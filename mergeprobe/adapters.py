@@ -49,8 +49,11 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
-_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_\-]+$")
+_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?\.weight")
+_SAFE_COMPONENT = re.compile(r"[A-Za-z0-9_\-]+")
+_SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The dtypes LoRA factors may be stored in; anything else (integers, bool, float8) is refused."""
 
 
 @dataclass
@@ -154,22 +157,79 @@ def _pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
     return default
 
 
-def _check_config(config: Mapping[str, Any], source: str) -> None:
-    peft_type = str(config.get("peft_type", "LORA")).upper()
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool, not an int too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _check_patterns(config: Mapping[str, Any], key: str, source: str, check_value: Any, expected: str) -> None:
+    patterns = config.get(key)
+    if patterns is None:
+        return
+    if not isinstance(patterns, Mapping):
+        raise AdapterError(f"adapter {source!r}: {key} is {patterns!r}, not an object of module pattern → value; fix {CONFIG_NAME} or re-save the adapter.")
+    for pattern, value in patterns.items():
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise AdapterError(f"adapter {source!r}: {key} key {pattern!r} is not a valid regular expression ({err}); fix {CONFIG_NAME}.") from err
+        if not check_value(value):
+            raise AdapterError(f"adapter {source!r}: {key}[{pattern!r}] is {value!r}, not {expected}; fix {CONFIG_NAME}.")
+
+
+def _check_config(config: Mapping[str, Any], source: str, require_alpha: bool = False) -> None:
+    """Refuse configs mergeprobe cannot merge, or whose values have the wrong type.
+
+    ``lora_alpha`` must be a finite number (negative is allowed: PEFT accepts it and the
+    update changes sign); ``use_rslora``, ``use_dora`` and ``fan_in_fan_out`` must be
+    booleans; ``r`` and ``rank_pattern`` values positive integers; pattern keys valid
+    regular expressions; ``base_model_name_or_path`` a string. With ``require_alpha``
+    (an ``adapter_config.json`` file) a missing ``lora_alpha`` is an error: PEFT would
+    assume 8, a tool that omits it may mean something else.
+    """
+    peft_type = config.get("peft_type", "LORA")
+    if not isinstance(peft_type, str):
+        raise AdapterError(f"adapter {source!r}: peft_type is {peft_type!r}, not a string such as 'LORA'; fix {CONFIG_NAME} or re-save the adapter.")
+    peft_type = peft_type.upper()
     if peft_type != "LORA":
         raise UnsupportedAdapterError(
-            f"adapter {source!r} is a {peft_type} adapter; mergeprobe merges LoRA adapters only. "
+            f"adapter {source!r} has peft_type {peft_type}, which is unsupported: mergeprobe merges LoRA adapters only. "
             "Convert it to LoRA or merge it with its own tooling."
         )
+    for flag in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if config.get(flag) is not None and not isinstance(config[flag], bool):
+            raise AdapterError(f"adapter {source!r}: {flag} is {config[flag]!r}, not true or false; fix {CONFIG_NAME} or re-save the adapter.")
     if config.get("use_dora"):
         raise UnsupportedAdapterError(
             f"adapter {source!r} is a DoRA adapter (use_dora=true), which is unsupported: its magnitude "
             "vector makes the update non-linear in B and A. Train with use_dora=False to merge it."
         )
+    alpha = config.get("lora_alpha")
+    if alpha is None and require_alpha:
+        raise AdapterError(
+            f"adapter {source!r}: {CONFIG_NAME} has no lora_alpha, so the update's scale is unknown (PEFT would assume 8); "
+            "add the lora_alpha the adapter was trained with."
+        )
+    if alpha is not None and not _is_number(alpha):
+        raise AdapterError(f"adapter {source!r}: lora_alpha is {alpha!r}, not a finite number; fix {CONFIG_NAME} or re-save the adapter.")
+    rank = config.get("r")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise AdapterError(f"adapter {source!r}: r is {rank!r}, not a positive integer; fix {CONFIG_NAME} or re-save the adapter.")
+    _check_patterns(config, "alpha_pattern", source, _is_number, "a finite number")
+    _check_patterns(config, "rank_pattern", source, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterError(f"adapter {source!r}: base_model_name_or_path is {base!r}, not a string; fix {CONFIG_NAME}.")
 
 
 def _scaling(config: Mapping[str, Any], key: str, rank: int) -> float:
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, key, config.get("lora_alpha", rank))
+    default = config.get("lora_alpha")
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, key, rank if default is None else default)
     if config.get("use_rslora"):
         return float(alpha) / math.sqrt(rank)
     return float(alpha) / rank
@@ -191,14 +251,19 @@ def adapter_from_state_dict(
         For DoRA magnitude vectors, LoRA embeddings, LoRA biases or full weights
         (``modules_to_save``), none of which is a low-rank update.
     AdapterError
-        For a module with only one factor, inconsistent shapes, or NaN/Inf values.
+        For a module with only one factor, inconsistent shapes, rank 0, factors that
+        are not float16/bfloat16/float32/float64, NaN/Inf values, a rank that differs
+        from the config's ``r`` / ``rank_pattern``, a scaling that overflows the compute
+        dtype, or config values of the wrong type (see :func:`_check_config`).
     """
     config = dict(config or {})
     _check_config(config, name)
     factors: dict[str, dict[str, Tensor]] = {}
     adapters_seen: set[str] = set()
     for key, tensor in state_dict.items():
-        match = _LORA_KEY.match(key)
+        if not isinstance(key, str) or not isinstance(tensor, Tensor):
+            raise AdapterError(f"adapter {name!r}: entry {key!r} is not a tensor named by a string; pass a state dict of LoRA weights.")
+        match = _LORA_KEY.fullmatch(key)
         if match is None:
             what = (
                 "a DoRA magnitude vector" if "lora_magnitude_vector" in key
@@ -227,10 +292,24 @@ def adapter_from_state_dict(
             raise AdapterError(f"adapter {name!r}: module {module!r} has no lora_{missing} weight; the file is incomplete — re-save the adapter.")
         a = pair["A"].detach()
         b = pair["B"].detach()
+        for which, tensor in (("A", a), ("B", b)):
+            if tensor.dtype not in FACTOR_DTYPES:
+                raise AdapterError(
+                    f"adapter {name!r}: module {module!r} lora_{which} has dtype {tensor.dtype}; LoRA factors are float16, "
+                    "bfloat16, float32 or float64. The file is corrupt or not a LoRA adapter — re-save it in one of those dtypes."
+                )
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise AdapterError(
                 f"adapter {name!r}: module {module!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
                 "which do not form B @ A (expected r × d_in and d_out × r); is it a convolution LoRA? Only linear layers are supported."
+            )
+        if a.shape[0] == 0:
+            raise AdapterError(f"adapter {name!r}: module {module!r} has rank 0 (empty lora_A and lora_B); drop the module or re-save the adapter.")
+        expected_rank = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r"))
+        if expected_rank is not None and expected_rank != a.shape[0]:
+            raise AdapterError(
+                f"adapter {name!r}: module {module!r} has rank {a.shape[0]} in its weights but {expected_rank} in its config "
+                f"(r / rank_pattern); the config does not belong to these weights — re-save the adapter."
             )
         for which, tensor in (("A", a), ("B", b)):
             if not torch.isfinite(tensor).all():
@@ -238,7 +317,14 @@ def adapter_from_state_dict(
                     f"adapter {name!r}: module {module!r} lora_{which} contains NaN or Inf; the adapter diverged in training. "
                     "Retrain it or leave it out of the merge."
                 )
-        modules[module] = LoraModule(A=a, B=b, scaling=_scaling(config, module, int(a.shape[0])))
+        scaling = _scaling(config, module, int(a.shape[0]))
+        limit = torch.finfo(torch.float64 if b.dtype == torch.float64 else torch.float32).max
+        if b.numel() and float(b.abs().max()) * abs(scaling) >= limit:
+            raise AdapterError(
+                f"adapter {name!r}: module {module!r}: lora_B times the scaling {scaling:g} (lora_alpha / r) overflows the "
+                "compute dtype; check lora_alpha in the config."
+            )
+        modules[module] = LoraModule(A=a, B=b, scaling=scaling)
     return LoraAdapter(modules=modules, config=config, name=name)
 
 
@@ -263,7 +349,10 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
                 f"adapter {str(path)!r}: cannot read {BIN_NAME} with torch.load(weights_only=True) ({err}); "
                 "it is corrupt or holds more than tensors. Re-save it as safetensors."
             ) from err
-    raise AdapterError(f"adapter {str(path)!r} has no {SAFETENSORS_NAME} (or {BIN_NAME}); is this a PEFT adapter directory?")
+    raise AdapterError(
+        f"adapter {str(path)!r} has no {SAFETENSORS_NAME} (or {BIN_NAME}); point to a complete PEFT adapter directory "
+        "or re-save the adapter with save_pretrained()."
+    )
 
 
 def load_adapter(source: str | os.PathLike[str] | Any, adapter_name: str = "default", config: Mapping[str, Any] | None = None) -> LoraAdapter:
@@ -300,11 +389,11 @@ def load_adapter(source: str | os.PathLike[str] | Any, adapter_name: str = "defa
         raise AdapterError(f"adapter {str(path)!r} has no {CONFIG_NAME}; is this a PEFT adapter directory?")
     try:
         file_config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise AdapterError(f"adapter {str(path)!r}: {CONFIG_NAME} is not valid JSON ({err}); re-save the adapter.") from err
     if not isinstance(file_config, dict):
         raise AdapterError(f"adapter {str(path)!r}: {CONFIG_NAME} is not a JSON object; re-save the adapter.")
-    _check_config(file_config, str(path))
+    _check_config(file_config, str(path), require_alpha=True)
     return adapter_from_state_dict(_read_weights(path), file_config, name=str(path))
 
 
@@ -337,8 +426,8 @@ def load_adapters(sources: Iterable[Any]) -> list[LoraAdapter]:
 
 
 def _check_output_key(key: str) -> None:
-    parts = key.split(".")
-    if not parts or any(not _SAFE_COMPONENT.match(p) for p in parts):
+    parts = key.split(".") if isinstance(key, str) else []
+    if not parts or any(not _SAFE_COMPONENT.fullmatch(p) for p in parts):
         raise AdapterError(
             f"module key {key!r} is not a dotted path of plain names; refusing to write it "
             "(keys become PEFT module paths and must not contain '/', '..' or other separators)."
@@ -402,14 +491,30 @@ def save_adapter(
         An input adapter's config: base model, task type and ``fan_in_fan_out`` are
         carried over.
     dtype:
-        The dtype to store (default: as given).
+        The dtype to store (default: as given). A factor that overflows it when cast
+        (float16 tops out at 65504) raises :class:`AdapterError` before anything is written.
     extra_files:
-        More text files to place in the directory (e.g. a merge report).
+        More text files to place in the directory (e.g. a merge report), by plain file
+        name: ASCII letters, digits, ``_``, ``-`` and ``.``, not starting with ``.``.
 
     Returns
     -------
     Path
         The written directory; ``PeftModel.from_pretrained(base, path)`` loads it.
+
+    Raises
+    ------
+    AdapterError
+        A module key that is not a dotted path of plain names (``..``, ``/``, NUL, a
+        newline…), an extra file name that is not a plain name, or a factor that is NaN
+        or overflows ``dtype``. Nothing is written then, inside or beside ``out_dir``.
+    OutputExistsError
+        ``out_dir`` exists and ``overwrite`` is false.
+
+    A process killed while writing leaves ``out_dir`` absent or complete, plus a hidden
+    ``.<name>.tmp-*`` directory beside it; killed between the two renames of an
+    overwrite, it leaves ``out_dir`` absent and the previous adapter in
+    ``.<name>.old-*``. Neither is cleaned up automatically.
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -418,11 +523,24 @@ def save_adapter(
         raise AdapterError("nothing to write: the merge produced no modules.")
     from safetensors.torch import save_file
 
+    for file_name in extra_files or {}:
+        if not isinstance(file_name, str) or not _SAFE_FILE_NAME.fullmatch(file_name) or file_name in (CONFIG_NAME, SAFETENSORS_NAME):
+            raise AdapterError(
+                f"extra file name {file_name!r} must be a plain file name (letters, digits, '_', '-', '.'; not hidden, "
+                f"no path separators) other than {CONFIG_NAME} and {SAFETENSORS_NAME}."
+            )
     tensors: dict[str, Tensor] = {}
     for key, (b, a) in modules.items():
         _check_output_key(key)
-        tensors[f"{key}.lora_A.weight"] = a.to(dtype or a.dtype).contiguous()
-        tensors[f"{key}.lora_B.weight"] = b.to(dtype or b.dtype).contiguous()
+        for which, factor in (("A", a), ("B", b)):
+            stored = factor.to(dtype or factor.dtype).contiguous()
+            if stored.is_floating_point() and not torch.isfinite(stored).all():
+                raise AdapterError(
+                    f"module {key!r}: lora_{which} has values that are NaN or overflow {stored.dtype} when written "
+                    f"(largest magnitude {float(factor.abs().max()):.3g}); write it in float32 instead "
+                    "(MergeResult.dtype = torch.float32 before .save(), or save_adapter(..., dtype=torch.float32))."
+                )
+            tensors[f"{key}.lora_{which}.weight"] = stored
     config = adapter_config_for(modules, template_config)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -430,14 +548,15 @@ def save_adapter(
         save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt", "producer": "mergeprobe"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for file_name, text in (extra_files or {}).items():
-            if "/" in file_name or file_name.startswith("."):
-                raise AdapterError(f"extra file name {file_name!r} must be a plain file name.")
             (tmp / file_name).write_text(text)
         if out.exists():
             trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, trash)
             os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
+            if trash.is_dir() and not trash.is_symlink():
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                trash.unlink(missing_ok=True)
         else:
             os.replace(tmp, out)
     except BaseException:

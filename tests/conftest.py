@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,3 +69,21 @@ def make_adapter(tmp_path: Path) -> Callable[..., Path]:
         return out
 
     return make
+
+
+@pytest.fixture(scope="session")
+def alignment_predictor(tmp_path_factory) -> str:
+    """A MergeProbe fitted on a constructed table: retention rises with update alignment.
+
+    The callback mechanics are under test here, not the shipped model, so the
+    predictor learns a known rule: opposed updates (alignment −1) keep nothing, aligned
+    ones (+1) keep everything.
+    """
+    alignment = np.linspace(-1, 1, 81)
+    rows = [{"update_alignment.mean": float(u)} for u in alignment]
+    from mergeprobe.predictor import MergeProbe
+
+    probe = MergeProbe(max_iter=60, min_samples_leaf=3).fit(rows, (1 + alignment) / 2)
+    path = tmp_path_factory.mktemp("predictor") / "alignment.skops"
+    probe.save(path)
+    return str(path)

@@ -230,3 +230,39 @@ def test_same_run_name_from_another_run_is_refused(tmp_path):
     with pytest.raises(StoreError, match="overwrite"):
         train(str(tmp_path / "store"), "dup", str(tmp_path / "two"), max_steps=5, predictor=None)
     train(str(tmp_path / "store"), "dup", str(tmp_path / "two"), max_steps=5, predictor=None, overwrite=True)
+
+
+def test_report_cli_shows_the_pairs_and_the_decision(sequential_runs, alignment_predictor):
+    from typer.testing import CliRunner
+
+    from mergeprobe.cli import app
+
+    root, _ = sequential_runs
+    result = CliRunner().invoke(app, ["report", str(root / "store"), "--predictor", alignment_predictor, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert {r["run"] for r in data["runs"]} == {"alpha", "beta", "gamma"}
+    assert len(data["pairs"]) == 6 and all(0.0 <= p["predicted_retention"] <= 1.0 for p in data["pairs"])
+    assert data["decision"]["action"] in ("merge", "reweight", "prune", "route") and data["decision"]["reasons"]
+    table = CliRunner().invoke(app, ["report", str(root / "store"), "--predictor", "none"])
+    assert table.exit_code == 0 and "alpha" in table.output and "no decision" in table.output
+
+
+def test_fit_cli_refits_on_recorded_outcomes(sequential_runs, tmp_path):
+    from typer.testing import CliRunner
+
+    from mergeprobe.cli import app
+    from mergeprobe.predictor import MergeProbe
+
+    root, _ = sequential_runs
+    store = ProbeStore(root / "store")
+    for (a, b), kept in {("alpha", "beta"): (0.9, 0.8), ("alpha", "gamma"): (0.4, 0.5), ("beta", "gamma"): (0.7, 0.6)}.items():
+        store.record_outcome([a, b], "linear", {a: kept[0], b: kept[1]})
+    out = tmp_path / "refit.skops"
+    result = CliRunner().invoke(app, ["fit", str(root / "store"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    probe = MergeProbe.load(out)
+    prediction = probe.predict_retention(store.pairwise_features("alpha", "beta"))
+    assert prediction.shape == (1,) and 0.3 <= float(prediction[0]) <= 1.0
+    missing = CliRunner().invoke(app, ["fit", str(tmp_path / "no-store"), "--out", str(tmp_path / "x.skops")])
+    assert missing.exit_code == 2 and "error:" in missing.output

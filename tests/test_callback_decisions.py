@@ -7,31 +7,12 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-import pytest
 from peft import PeftModel
 
-from mergeprobe.predictor import MergeProbe
 from mergeprobe.store import ProbeStore
 from tests.conftest import build_tiny_llama
 from tests.scripts.tiny_train import train
 from tests.test_callback import REPO, SCRIPT
-
-
-@pytest.fixture(scope="module")
-def alignment_predictor(tmp_path_factory) -> str:
-    """A MergeProbe fitted on a constructed table: retention rises with update alignment.
-
-    The callback mechanics are under test here, not the shipped model, so the
-    predictor learns a known rule: opposed updates (alignment −1) keep nothing, aligned
-    ones (+1) keep everything.
-    """
-    alignment = np.linspace(-1, 1, 81)
-    rows = [{"update_alignment.mean": float(u)} for u in alignment]
-    probe = MergeProbe(max_iter=60, min_samples_leaf=3).fit(rows, (1 + alignment) / 2)
-    path = tmp_path_factory.mktemp("predictor") / "alignment.skops"
-    probe.save(path)
-    return str(path)
 
 
 def test_early_stop_on_a_constructed_unmergeable_pair(tmp_path, alignment_predictor):

@@ -131,7 +131,8 @@ def check_compatible(adapters: Sequence[LoraAdapter], allow_base_mismatch: bool 
                 shape, owner = shapes[key]
                 raise AdapterError(
                     f"module {key!r} is {shape[0]}×{shape[1]} in adapter {owner!r} but "
-                    f"{module.shape[0]}×{module.shape[1]} in adapter {adapter.name!r}; these adapters belong to different architectures."
+                    f"{module.shape[0]}×{module.shape[1]} in adapter {adapter.name!r}; these adapters belong to different architectures — "
+                    "merge only adapters trained on the same base model."
                 )
             shapes.setdefault(key, (module.shape, adapter.name))
 
@@ -198,6 +199,44 @@ def merge_adapters(
     -------
     MergeResult
 
+    Raises
+    ------
+    MergeError
+        Inconsistent arguments, or a method that fails numerically on a module.
+    AdapterError
+        An adapter that cannot be read or combined, or merged factors that overflow the
+        output dtype when written.
+    OutputExistsError
+        ``out_dir`` exists and ``overwrite`` is false.
+
+    Notes
+    -----
+    Numerics:
+
+    - **Precision.** Every method computes in float32 (float64 if any input is
+      float64): bf16 and fp16 factors are promoted when read. The merged factors are
+      written in the first adapter's dtype (:attr:`MergeResult.dtype`), i.e. a bf16 or
+      fp16 merge is the float32 merge of the same values, cast. If a factor overflows
+      that dtype when cast (fp16 tops out at 65504) the write raises
+      :class:`~mergeprobe.errors.AdapterError` and nothing is written; merge without
+      ``out_dir``, set ``result.dtype = torch.float32`` and ``result.save(out_dir)``.
+    - **Zero updates** (``B = 0``, as PEFT initialises an adapter) contribute nothing;
+      a module whose updates are all zero merges to a zero update. A zero adapter still
+      counts as having the module: Pico's rescale ``γ`` averages the norms over it, so
+      merging ``y`` with a zero adapter gives ``y / 2`` under ``pico`` but ``y`` under
+      ``linear``, ``tsvm`` and ``tada``.
+    - **Rank-deficient and identical adapters.** Singular directions at round-off level
+      are dropped (TSV-M, TaDA, and the polar factors of TSV-M), so no arbitrary
+      direction enters the result: ``tsvm`` of two identical adapters is that adapter,
+      ``linear`` is twice it, ``pico`` has its norm. Element-wise methods (``ties``,
+      ``dare_*``, ``knots``) act on the entries of the cores and may raise the rank.
+    - **Scale.** No absolute threshold is used anywhere (tolerances are relative to the
+      largest singular value involved), so an update of norm 1e-6 alone in a module is
+      kept as it is; next to a 1e6 update in the same module it is below float32
+      resolution and is lost, as in any float32 sum. NaN or Inf in an input is refused
+      when it is read; a method that still produces a non-finite value raises
+      :class:`~mergeprobe.errors.MergeError`.
+
     Example
     -------
     >>> result = merge_adapters(["a/", "b/"], method="pico", base="ties", out_dir="merged")  # doctest: +SKIP
@@ -222,7 +261,10 @@ def merge_adapters(
         raise MergeError(f"method {method!r} probes the base model: pass base_model=... (--base-model) and calibration inputs (--calibration).")
 
     context = MergeContext(base_model=base_model, calibration=calibration, show_progress=show_progress)
-    merge_method.prepare(loaded, weights, context)
+    try:
+        merge_method.prepare(loaded, weights, context)
+    except torch.linalg.LinAlgError as err:
+        raise MergeError(f"method {method!r} failed while preparing the merge ({err}); check the inputs' norms and the method's parameters.") from err
     keys = sorted({k for a in loaded for k in a.modules})
     modules: dict[str, tuple[Tensor, Tensor]] = {}
     diagnostics: dict[str, dict[str, Any]] = {}
@@ -234,7 +276,10 @@ def merge_adapters(
             module_rank = max(a.modules[key].rank for a in loaded if key in a.modules)
         else:
             module_rank = int(rank)
-        result = merge_method.merge_module(inputs, module_rank)
+        try:
+            result = merge_method.merge_module(inputs, module_rank)
+        except torch.linalg.LinAlgError as err:
+            raise MergeError(f"method {method!r} failed on module {key!r} ({err}); check the inputs' norms and the method's parameters.") from err
         if not (torch.isfinite(result.B).all() and torch.isfinite(result.A).all()):
             raise MergeError(f"method {method!r} produced NaN/Inf in module {key!r}; check the inputs' norms and the method's parameters.")
         modules[key] = (result.B, result.A)
