@@ -79,9 +79,24 @@ def orthonormal_basis(matrix: Tensor) -> Tensor:
 
 
 def polar_factor(matrix: Tensor) -> Tensor:
-    """The orthogonal polar factor ``P Qᵀ`` of ``matrix = P Σ Qᵀ`` (closest matrix with orthonormal columns)."""
-    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
-    return p @ qh
+    """The orthogonal polar factor ``P Qᵀ`` of ``matrix = P Σ Qᵀ`` (closest matrix with orthonormal columns).
+
+    A rank-deficient matrix has no unique polar factor: the singular vectors of its zero
+    singular values are arbitrary. Components whose singular value is at round-off level
+    (``σ ≤ σ_max · max(shape) · eps``) are therefore left out, which gives the unique
+    partial isometry on the matrix's range, e.g. ``[U U] → [U U] / √2`` for a duplicated
+    orthonormal ``U`` (identical adapters in TSV-M), instead of arbitrary extra directions.
+    A full-rank matrix is unaffected.
+
+    >>> u = torch.linalg.qr(torch.randn(6, 2, dtype=torch.float64))[0]
+    >>> bool(torch.allclose(polar_factor(torch.cat([u, u], dim=1)), torch.cat([u, u], dim=1) / 2**0.5))
+    True
+    """
+    p, s, qh = torch.linalg.svd(matrix, full_matrices=False)
+    if s.numel() == 0:
+        return p @ qh
+    keep = s > float(s.max()) * max(matrix.shape) * torch.finfo(s.dtype).eps
+    return p[:, keep] @ qh[keep]
 
 
 def svd_of_update(update: Factors) -> tuple[Tensor, Tensor, Tensor]:

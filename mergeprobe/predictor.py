@@ -45,6 +45,7 @@ import os
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from numbers import Integral, Real
 from pathlib import Path
@@ -144,6 +145,10 @@ def _dump_skops_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+_MAX_SCHEMA_BYTES = 64 * 1024 * 1024
+"""Largest schema.json a predictor file may hold (a MergeProbe's is a few hundred KiB)."""
+
+
 def _schema_types(node: Any, found: set[str]) -> None:
     """Collect ``module.class`` of every node of a skops schema, without importing anything."""
     if isinstance(node, Mapping):
@@ -187,13 +192,20 @@ def _load_skops_trusted(path: str | os.PathLike[str], allowed: Collection[str], 
             f"{what} file {str(path)!r} is {kind}; mergeprobe loads only skops files and never unpickles, "
             f"because unpickling can run arbitrary code. Re-create it and save it with skops (`.save(path)`)."
         )
+    found: set[str] = set()
     try:
         with zipfile.ZipFile(path) as archive:
+            if archive.getinfo("schema.json").file_size > _MAX_SCHEMA_BYTES:
+                raise PredictorError(f"{what} file {str(path)!r} has a schema.json larger than {_MAX_SCHEMA_BYTES} bytes; it is not a MergeProbe.")
             schema = json.loads(archive.read("schema.json"))
-    except (KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PredictorError(f"{what} file {str(path)!r} is not a valid skops file ({err}).") from err
-    found: set[str] = set()
-    _schema_types(schema, found)
+        _schema_types(schema, found)
+    except PredictorError:
+        raise
+    # A damaged or hostile archive fails in many ways: a bad CRC or header (BadZipFile), a bad deflate stream
+    # (zlib.error), an unknown compression method (NotImplementedError), an encrypted entry (RuntimeError), invalid
+    # JSON (ValueError), nesting deeper than the recursion limit (RecursionError, a RuntimeError).
+    except (KeyError, EOFError, OSError, ValueError, NotImplementedError, RuntimeError, zipfile.BadZipFile, zlib.error) as err:
+        raise PredictorError(f"{what} file {str(path)!r} is not a valid skops file ({type(err).__name__}: {err}).") from err
     # The schema check comes first: nothing has been imported or built when it refuses.
     _refuse_outside(found, allowed, path, what)
     try:

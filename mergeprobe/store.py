@@ -107,13 +107,18 @@ def check_name(name: str, what: str = "run name") -> str:
     >>> check_name("math-r8_seed.1")
     'math-r8_seed.1'
     """
-    if not isinstance(name, str) or not name or len(name) > _MAX_NAME or ".." in name or not _NAME.match(name):
+    if not _is_safe_name(name):
         raise StoreError(
             f"{what} {name!r} is not a safe store name: use letters, digits, '_', '-' and '.', starting with a "
             f"letter or digit, at most {_MAX_NAME} characters, no '..' and no path separators "
             "(e.g. replace '/' with '-')."
         )
     return name
+
+
+def _is_safe_name(name: object) -> bool:
+    # fullmatch, not match: "$" also matches before a trailing newline.
+    return isinstance(name, str) and 0 < len(name) <= _MAX_NAME and ".." not in name and _NAME.fullmatch(name) is not None
 
 
 def merge_set_id(run_names: Iterable[str]) -> str:
@@ -323,7 +328,7 @@ def _safetensors_metadata(head: bytes, size: int) -> dict[str, str]:
         header = json.loads(head[8 : 8 + length])
         metadata = header.pop("__metadata__", None) or {}
         end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError) as err:
         raise _Unreadable(f"{SIGNALS_FILE} has a corrupt header ({err})") from err
     if 8 + length + end != size:
         raise _Unreadable(f"{SIGNALS_FILE} is truncated or padded ({size} bytes, header says {8 + length + end})")
@@ -400,7 +405,7 @@ class ProbeStore:
             info = json.loads(store_file.read_text(encoding="utf-8"))
         except OSError as err:
             raise self._store_error("read", store_file, err) from err
-        except (ValueError, UnicodeDecodeError) as err:
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
             raise StoreError(
                 f"probe store {str(self.path)!r}: {STORE_FILE} is not valid JSON ({err}); "
                 f"if no run has used this store yet, delete {str(store_file)!r} to re-create it."
@@ -631,7 +636,7 @@ class ProbeStore:
     def _recover_interrupted(self, name: str) -> None:
         """Under the run's lock: restore a record a killed overwrite left aside, drop stale temp dirs."""
         with self._os_errors(f"clean up interrupted writes of run {name!r} in", self._runs):
-            leftovers = [p for p in self._runs.iterdir() if (m := _TEMP.match(p.name)) and m["name"] == name]
+            leftovers = [p for p in self._runs.iterdir() if (m := _TEMP.fullmatch(p.name)) and m["name"] == name]
             if not (self._runs / name).exists():
                 olds = [p for p in leftovers if p.name.startswith(f".{name}.old-")]
                 if olds:
@@ -700,7 +705,7 @@ class ProbeStore:
             raise _Unreadable(f"cannot read {META_FILE} ({err})") from err
         try:
             meta = json.loads(meta_text)
-        except (ValueError, UnicodeDecodeError) as err:
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
             raise _Unreadable(f"{META_FILE} is not valid JSON, probably truncated ({err})") from err
         if not isinstance(meta, dict):
             raise _Unreadable(f"{META_FILE} is not a JSON object")
@@ -772,19 +777,29 @@ class ProbeStore:
         name = check_name(run_name)
         folder = self._runs / name
         try:
-            meta, tensors = self._read_record(folder, name, load_tensors=True)
+            meta, tensors = self._read_settled(folder, name, load_tensors=True)
+        except _Unreadable as reason:
+            raise self._unreadable_error(name, str(reason)) from None
+        return RunRecord(name, meta, tensors or {}, folder)
+
+    def _read_settled(self, folder: Path, name: str, load_tensors: bool) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+        """:meth:`_read_record`, read once more under the store lock if the first read finds the record incomplete.
+
+        An overwrite swaps two directories under the store lock, so a reader that looks
+        between (or across) the two renames sees no record, or meta.json and
+        signals.safetensors of different writes; holding the lock once gives a settled
+        view. If the lock cannot be taken (a read-only store, a timeout) the first answer stands.
+        """
+        try:
+            return self._read_record(folder, name, load_tensors)
         except _Unreadable as first:
-            # An overwrite swaps two directories under the store lock; holding it once gives a consistent view.
             try:
                 with self._locked(self._locks / "_store.lock", "the store", timeout=min(self.lock_timeout, 10.0)):
-                    meta, tensors = self._read_record(folder, name, load_tensors=True)
-            except _Unreadable as reason:
-                raise self._unreadable_error(name, str(reason)) from None
+                    return self._read_record(folder, name, load_tensors)
             except SchemaVersionError:
                 raise
-            except StoreError:  # the lock cannot be taken (read-only store, timeout): the first answer stands
-                raise self._unreadable_error(name, str(first)) from None
-        return RunRecord(name, meta, tensors or {}, folder)
+            except StoreError:
+                raise first from None
 
     def load_signals(self, run_name: str) -> RunSignals:
         """Load a record written by :meth:`write_signals` as ``RunSignals``."""
@@ -799,26 +814,41 @@ class ProbeStore:
         return RunSignals.from_tensors(record.tensors, record.meta["signals"])
 
     def _scan(self) -> list[tuple[str, dict[str, Any]]]:
-        """Names and metadata of every complete record, warning about the others."""
+        """Names and metadata of every complete record, warning about the others.
+
+        A record being overwritten is listed too: if the listing falls between the two
+        renames of an overwrite (only the writer's ``.<name>.old-…`` is there), the
+        record is read again once the writer releases the store lock.
+        """
         with self._os_errors("list the runs in", self._runs):
             entries = sorted(_entries(self._runs), key=lambda p: p.name)
+        listed = {entry.name for entry in entries}
         found: list[tuple[str, dict[str, Any]]] = []
+        swapping: set[str] = set()
         for entry in entries:
-            temp = _TEMP.match(entry.name)
+            temp = _TEMP.fullmatch(entry.name)
             if temp is not None:
                 if entry.is_dir() and self._is_stale(entry, temp["name"]):
                     what = "a killed write" if temp["kind"] == "tmp" else "an interrupted overwrite"
                     self._warn(f"record {temp['name']!r}: {entry.name} was left by {what}; skipped (the next write of that run cleans it up)")
+                elif temp["kind"] == "old" and temp["name"] not in listed and _is_safe_name(temp["name"]):
+                    swapping.add(temp["name"])
                 continue
             if entry.name.startswith(".") or not entry.is_dir():
                 continue
             try:
-                meta, _ = self._read_record(entry, entry.name, load_tensors=False)
+                meta, _ = self._read_settled(entry, entry.name, load_tensors=False)
             except (_Unreadable, SchemaVersionError) as reason:
                 self._warn(f"record {entry.name!r} skipped: {reason}")
                 continue
             found.append((entry.name, meta))
-        return found
+        for name in sorted(swapping):
+            try:
+                meta, _ = self._read_settled(self._runs / name, name, load_tensors=False)
+            except (_Unreadable, SchemaVersionError):
+                continue  # the overwrite did not finish; its .old directory is reported once it is stale
+            found.append((name, meta))
+        return sorted(found, key=lambda item: item[0])
 
     def _is_stale(self, entry: Path, name: str) -> bool:
         """A temp dir is stale when no writer holds its run's lock (writers rename before releasing)."""
@@ -1070,8 +1100,11 @@ class ProbeStore:
         if not path.exists():
             return None
         try:
-            return dict(_read_json(path)["features"])
-        except (_Unreadable, KeyError, TypeError) as reason:
+            features = _read_json(path)["features"]
+            if not isinstance(features, dict):
+                raise _Unreadable(f"'features' is a {type(features).__name__}, not an object")
+            return dict(features)
+        except (_Unreadable, KeyError) as reason:
             self._warn(f"pair features {path.name!r} skipped: {reason}")
             return None
 
@@ -1103,7 +1136,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         value = json.loads(path.read_bytes())
     except OSError as err:
         raise _Unreadable(f"cannot read it ({err})") from err
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise _Unreadable(f"not valid JSON, probably truncated ({err})") from err
     if not isinstance(value, dict):
         raise _Unreadable("not a JSON object")

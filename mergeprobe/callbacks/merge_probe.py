@@ -81,8 +81,10 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         Without it, each finishing run merges the runs finished so far (idempotent
         per set).
     on_store_error:
-        ``"raise"`` (default) or ``"warn"``: on a store failure (read-only, full disk)
-        warn and let training go on without the probe.
+        ``"raise"`` (default) or ``"warn"``: on a store failure (read-only, full disk,
+        lock timeout, or a full temporary directory while the adapter is staged for the
+        store) warn once and let training go on without the probe; the store keeps what
+        was written before the failure and nothing half-written.
     overwrite:
         Replace another run's record of the same name.
     """
@@ -161,13 +163,21 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
 
     # ---------------------------------------------------------------- helpers
     def _guard(self, what: str, func: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run a store-touching step; with on_store_error='warn', disable the probe on StoreError."""
+        """Run a store-touching step; with on_store_error='warn', disable the probe on a storage failure.
+
+        A storage failure is a :class:`StoreError` (the store's own files), or an
+        ``OSError`` / ``SafetensorError`` from staging the adapter in the temporary
+        directory before it is copied into the store (a full disk there raises those).
+        """
+        from safetensors import SafetensorError
+
         try:
             return func(*args, **kwargs)
-        except StoreError as err:
+        except (StoreError, OSError, SafetensorError) as err:
             if self.on_store_error == "raise":
                 raise
-            warnings.warn(f"mergeprobe: {what} failed ({err}); training continues without the probe.", stacklevel=2)
+            cause = str(err) if isinstance(err, StoreError) else f"{type(err).__name__}: {err}"
+            warnings.warn(f"mergeprobe: {what} failed ({cause}); training continues without the probe.", stacklevel=2)
             self.disabled = True
             if self._probe is not None:
                 self._probe.close()

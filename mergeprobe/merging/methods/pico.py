@@ -19,6 +19,9 @@ updates, e.g. ``ties`` with ``space="full"``).
 Ours, not the paper's: ``T`` counts only the adapters that have the module (an adapter
 without it contributes ``ΔW_t = 0`` and takes no part in the collision shares nor the
 average norm); when every update of a module is zero the shares are 0 and ``γ = 1``.
+An adapter that has the module but whose update is exactly zero (``B = 0``, as PEFT
+initialises it) does count in ``T``: ``γ`` scales the merge to the mean norm including
+that zero, so merging ``y`` with a zero adapter gives ``y / 2``.
 The collision shares use the unweighted ``B̂_t`` (as the paper's definition); the
 user's weights enter at the merge and in ``γ``.
 

@@ -13,7 +13,10 @@ singular vectors are expressed in the core bases, so no ``d_out × d_in`` matrix
 built; the merged core is factorised by :meth:`~mergeprobe.core.CoreSpace.factorize`.
 Ours, beyond the paper: ``T`` counts the adapters that have the module, and components
 with a numerically zero singular value (a rank-deficient adapter) are left out, since
-their singular vectors are arbitrary and would still bend the polar factors.
+their singular vectors are arbitrary and would still bend the polar factors; for the
+same reason the polar factors keep only the range of ``U_cat`` and ``V_cat``
+(:func:`~mergeprobe.core.polar_factor`), so two identical adapters merge to that adapter
+rather than to it plus arbitrary directions.
 
 Diagnostics per module: ``energy_kept``, ``components_per_task`` and
 ``orthogonality_gap``, ``max(‖U_catᵀU_cat − I‖_F, ‖V_catᵀV_cat − I‖_F)``: 0 when the
