@@ -48,7 +48,7 @@ Example
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -303,12 +303,20 @@ def alignment_profile(a: RunSignals, b: RunSignals, signal: str = "update") -> t
     """
     if signal not in ("update", "gradient"):
         raise ValueError(f"alignment_profile: signal must be 'update' or 'gradient', got {signal!r}")
-    name = "update_alignment" if signal == "update" else "gradient_alignment"
+    _check_sketches(a, b)
     cells: dict[tuple[int, str], list[float]] = {}
-    for key, row in per_module_features(a, b).items():
+    # Only the one feature drawn, computed as module_pair_features computes it (not the subspace SVDs of the others).
+    for key in sorted(set(a.update) & set(b.update)):
         layer = module_layer(key)
-        if layer is not None and name in row:
-            cells.setdefault((layer, module_kind(key)), []).append(row[name])
+        if layer is None:
+            continue
+        if signal == "update":
+            value = float(cosine(a.update[key], b.update[key]))
+        elif key in a.gradient and key in b.gradient:
+            value = _sketch_cosine(a.gradient[key], b.gradient[key])
+        else:
+            continue
+        cells.setdefault((layer, module_kind(key)), []).append(value)
     layers = sorted({layer for layer, _ in cells})
     kinds = sorted({kind for _, kind in cells})
     matrix = torch.full((len(layers), len(kinds)), float("nan"), dtype=torch.float32)
@@ -328,15 +336,23 @@ def _summed_updates(updates: Sequence[Mapping[str, Factors]]) -> dict[str, Facto
 
 
 def _merge_disturbance(
-    model: torch.nn.Module, members: Sequence[RunSignals], labels: Sequence[str], batch_size: int
+    model: torch.nn.Module,
+    members: Sequence[RunSignals],
+    labels: Sequence[str],
+    batch_size: int,
+    own_states: MutableMapping[int, list[Tensor]] | None = None,
 ) -> dict[str, Any]:
     merged = _summed_updates([m.update for m in members])
     out: dict[str, Any] = {}
     disturbances, relatives = [], []
     for label, member in zip(labels, members):
         ids, mask = member.probe_input_ids, member.probe_attention_mask
-        with apply_updates(model, member.update):
-            own = hidden_states(model, ids, mask, adapter_enabled=False, batch_size=batch_size)
+        own = own_states.get(id(member)) if own_states is not None else None
+        if own is None:
+            with apply_updates(model, member.update):
+                own = hidden_states(model, ids, mask, adapter_enabled=False, batch_size=batch_size)
+            if own_states is not None:
+                own_states[id(member)] = own
         with apply_updates(model, merged):
             together = hidden_states(model, ids, mask, adapter_enabled=False, batch_size=batch_size)
         rep = representation_disturbance(own, together)
@@ -351,7 +367,13 @@ def _merge_disturbance(
     return out
 
 
-def cross_disturbance(model: torch.nn.Module, a: RunSignals, b: RunSignals, batch_size: int = 8) -> dict[str, Any]:
+def cross_disturbance(
+    model: torch.nn.Module,
+    a: RunSignals,
+    b: RunSignals,
+    batch_size: int = 8,
+    own_states: MutableMapping[int, list[Tensor]] | None = None,
+) -> dict[str, Any]:
     """How much merging disturbs each run's representations (ALGORITHMS.md §5).
 
     On ``a``'s probe batch, the hidden states of the base model plus the task-arithmetic
@@ -361,6 +383,11 @@ def cross_disturbance(model: torch.nn.Module, a: RunSignals, b: RunSignals, batc
     :func:`~mergeprobe.signals.apply_updates` with the model's own adapter disabled, so
     ``model`` may be the ``PeftModel`` of either run or the bare base model. For LoRA
     initialised with ``B = 0`` the window update equals the window-end ``ΔW``.
+
+    ``own_states`` is a cache of each run's own hidden states (base model plus its
+    update, on its probe batch), keyed by ``id()`` of its :class:`RunSignals`: pass one
+    dict to every call that compares one run with several others, within the lifetime
+    of those objects, and each run's own states are computed once.
 
     Returns
     -------
@@ -375,7 +402,7 @@ def cross_disturbance(model: torch.nn.Module, a: RunSignals, b: RunSignals, batc
     >>> cross["cross_disturbance.max"]  # doctest: +SKIP
     0.004
     """
-    return _merge_disturbance(model, [a, b], ["a", "b"], batch_size)
+    return _merge_disturbance(model, [a, b], ["a", "b"], batch_size, own_states)
 
 
 def set_cross_disturbance(model: torch.nn.Module, signals: Sequence[RunSignals], batch_size: int = 8) -> dict[str, Any]:

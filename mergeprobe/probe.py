@@ -28,7 +28,7 @@ import hashlib
 import socket
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +197,7 @@ class ProbeRun:
         Every process must call this (the gradient sketches are all-reduced); only the
         main process writes and compares.
         """
-        from mergeprobe.signals import RunSignals, hidden_states, representation_disturbance, update_between
+        from mergeprobe.signals import RunSignals, update_between
 
         if self._start is None or self._sketcher is None:
             raise MergeProbeError("end_window called before begin_window")
@@ -208,15 +208,7 @@ class ProbeRun:
             return {}
         end = load_adapter(model, self.adapter_name)
         ids, mask = self._probe_inputs()
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                h_base = hidden_states(model, ids, mask, adapter_enabled=False)
-                h_adapted = hidden_states(model, ids, mask, adapter_enabled=True)
-        finally:
-            model.train(was_training)
-        disturbance = representation_disturbance(h_base, h_adapted)
+        disturbance = self._self_disturbance(model, ids, mask)
         self.signals = RunSignals(
             update=update_between(self._start, end),
             end_factors={k: m.folded() for k, m in end.modules.items()},
@@ -245,6 +237,21 @@ class ProbeRun:
         self._write(model, record_meta)
         self._compare_all(model)
         return self.comparisons
+
+    @staticmethod
+    def _self_disturbance(model: Any, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """Disturbance of the probe batch's hidden states, adapter off vs on (the states are not kept)."""
+        from mergeprobe.signals import hidden_states, representation_disturbance
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                h_base = hidden_states(model, ids, mask, adapter_enabled=False)
+                h_adapted = hidden_states(model, ids, mask, adapter_enabled=True)
+        finally:
+            model.train(was_training)
+        return representation_disturbance(h_base, h_adapted)
 
     def _write(self, model: Any, meta: dict[str, Any]) -> None:
         """Write this run's record with the model's current adapter saved beside the signals."""
@@ -302,7 +309,9 @@ class ProbeRun:
                 )
                 self._others[name] = None
                 continue
-            self._others[name] = RunSignals.from_tensors(record.tensors, record.meta.get("signals", {}))
+            signals = RunSignals.from_tensors(record.tensors, record.meta.get("signals", {}))
+            # Comparisons never read another run's window-end factors: do not hold them for the rest of training.
+            self._others[name] = replace(signals, end_factors={})
         return {k: v for k, v in self._others.items() if v is not None}
 
     def _predict(self, features: dict[str, float]) -> tuple[float | None, float | None]:
@@ -317,15 +326,19 @@ class ProbeRun:
             return None, None
         return mean, lower
 
-    def _compare(self, model: Any, name: str, other: Any) -> Comparison:
-        """Full comparison with one run: all pairwise features, cross-disturbance included."""
+    def _compare(self, model: Any, name: str, other: Any, own_states: dict[int, list[Tensor]] | None = None) -> Comparison:
+        """Full comparison with one run: all pairwise features, cross-disturbance included.
+
+        ``own_states`` caches the runs' own hidden states between comparisons (see
+        :func:`~mergeprobe.features.cross_disturbance`).
+        """
         from mergeprobe.features import alignment_profile, cross_disturbance, pairwise_features
 
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                cross = cross_disturbance(model, self.signals, other)
+                cross = cross_disturbance(model, self.signals, other, own_states=own_states)
         finally:
             model.train(was_training)
         features = pairwise_features(self.signals, other, cross)
@@ -334,8 +347,10 @@ class ProbeRun:
         return Comparison(name, features, alignment_profile(self.signals, other), mean, lower)
 
     def _compare_all(self, model: Any) -> None:
+        own_states: dict[int, list[Tensor]] = {}  # this run's own hidden states, computed once for all comparisons
         for name, other in self._compatible_others().items():
-            self.comparisons[name] = self._compare(model, name, other)
+            self.comparisons[name] = self._compare(model, name, other, own_states)
+            own_states.pop(id(other), None)  # keep only this run's states in memory
 
     def track(self, model: Any, step: int) -> dict[str, Comparison]:
         """Compare with runs that appeared since, and re-measure update alignment with all, now.

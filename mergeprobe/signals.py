@@ -37,15 +37,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mergeprobe.adapters import LoraAdapter, find_module
+from mergeprobe.adapters import PEFT_PREFIX, LoraAdapter, base_module_path, find_module
 from mergeprobe.core import Factors
 from mergeprobe.errors import AdapterError
 
@@ -404,7 +405,9 @@ def hidden_states(
     """Per-layer hidden states of the real (unmasked) tokens of a batch.
 
     Runs ``model(..., output_hidden_states=True)`` in eval mode without gradients, in
-    chunks of ``batch_size`` sequences, and keeps the outputs of the transformer blocks
+    chunks of ``batch_size`` sequences (asking a causal LM for the last position's
+    logits only, ``logits_to_keep=1``, where its ``forward`` accepts it: the output
+    projection is not needed), and keeps the outputs of the transformer blocks
     (``hidden_states[1:]``: the embedding output, which no LoRA changes, is left out;
     the last entry is after the final norm, as ``transformers`` returns it). Tokens
     whose ``attention_mask`` is 0 are removed. For a ``PeftModel``,
@@ -426,12 +429,13 @@ def hidden_states(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     device = _module_device(model)
+    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     layers: list[list[Tensor]] = []
     with torch.no_grad(), _eval_mode(model), _adapter_state(model, adapter_enabled):
         for begin in range(0, int(input_ids.shape[0]), batch_size):
             ids = input_ids[begin : begin + batch_size].to(device)
             mask = attention_mask[begin : begin + batch_size].to(device)
-            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, **extra)
             keep = mask.bool()
             states = out.hidden_states[1:]
             if not layers:
@@ -439,6 +443,25 @@ def hidden_states(
             for chunks, state in zip(layers, states):
                 chunks.append(state[keep].to("cpu", torch.float32))
     return [torch.cat(chunks) for chunks in layers]
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the (base) model's ``forward`` takes ``logits_to_keep`` (transformers causal LMs do)."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(target.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _modules_by_key(model: torch.nn.Module, keys: Iterable[str]) -> dict[str, torch.nn.Module]:
+    """:func:`~mergeprobe.adapters.find_module` for many keys with one walk of the module tree."""
+    named = dict(model.named_modules())
+    found = {}
+    for key in keys:
+        candidates = [c for c in (key, base_module_path(key), PEFT_PREFIX + key) if c in named]
+        found[key] = named[candidates[0]] if candidates else find_module(model, key)  # find_module raises the error
+    return found
 
 
 @contextlib.contextmanager
@@ -460,8 +483,9 @@ def apply_updates(model: torch.nn.Module, updates: Mapping[str, Factors]) -> Ite
     """
     handles = []
     try:
+        modules = _modules_by_key(model, updates)
         for key, (b, a) in updates.items():
-            module = find_module(model, key)
+            module = modules[key]
             device = _module_device(module)
             handles.append(module.register_forward_hook(_update_hook(b.to(device), a.to(device)), with_kwargs=True))
         yield

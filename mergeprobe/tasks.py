@@ -3,7 +3,12 @@
 Computed tasks (the answer is computed exactly): ``arithmetic`` (three-operand
 sums), ``pyeval`` (small Python expressions), ``reverse`` and ``sort_letters`` (string
 transformations that share one input format but want different outputs — a pair
-built to conflict). Tasks on real text that no one here wrote: ``license`` (name the
+built to conflict), ``add3``, ``reverse_chars`` and ``sort_chars`` (the same skills
+on single-letter and single-digit tokens: one token per letter makes them learnable by
+SmolLM2-135M in a hundred LoRA steps, where whole-word ``reverse`` and three two-digit
+``arithmetic`` were not), ``first_word``, ``second_word`` and ``last_word`` (copy one of four
+common words, one token each: a conflicting family, simple enough for the tiny model of
+the benchmark's sweep). Tasks on real text that no one here wrote: ``license`` (name the
 license of a passage from the texts Debian installs in ``/usr/share/common-licenses``)
 and ``stdlib`` (name the standard-library module of a docstring). Domain tasks for
 task–domain merging: ``lm_licenses`` and ``lm_docs`` (language modelling; metric
@@ -79,15 +84,39 @@ def _words() -> list[str]:
     return sorted(words)
 
 
+@lru_cache(maxsize=1)
+def _common_words() -> list[str]:
+    """The 200 most frequent words of 4–8 letters in the license texts (almost all one BPE token each)."""
+    counts: dict[str, int] = {}
+    for file in sorted(LICENSE_DIR.glob("*")) if LICENSE_DIR.is_dir() else []:
+        if file.is_file():
+            for word in re.findall(r"[a-z]+", file.read_text(errors="ignore").lower()):
+                if 4 <= len(word) <= 8:
+                    counts[word] = counts.get(word, 0) + 1
+    if len(counts) < 200:
+        return _words()[:200]
+    return sorted(sorted(counts), key=lambda w: -counts[w])[:200]
+
+
+WORD_POSITION = {"first_word": 0, "second_word": 1, "last_word": -1}
+"""The copying tasks: which of the four words is the answer."""
+
+
 def _import(name: str) -> Any:
     import importlib
 
     return importlib.import_module(name)
 
 
+PASSAGE_WORDS = 16
+"""Words per license passage (short: prompts stay under ~32 tokens, so scoring is cheap)."""
+DOCSTRING_WORDS = 20
+"""Words kept of each docstring."""
+
+
 @lru_cache(maxsize=1)
 def _license_passages() -> list[tuple[str, str]]:
-    """(passage of 24 words, license family) for every installed license text."""
+    """(passage of ``PASSAGE_WORDS`` words, license family) for every installed license text."""
     if not LICENSE_DIR.is_dir():
         raise FileNotFoundError(f"{LICENSE_DIR} is missing; the license tasks need Debian's base-files package.")
     passages = []
@@ -96,14 +125,15 @@ def _license_passages() -> list[tuple[str, str]]:
         if not path.exists():
             continue
         words = path.read_text(errors="ignore").split()
-        for start in range(0, max(1, len(words) - 24), 12):
-            passages.append((" ".join(words[start : start + 24]), family))
+        # Non-overlapping passages: a test passage shares no words with a training passage.
+        for start in range(0, max(1, len(words) - PASSAGE_WORDS + 1), PASSAGE_WORDS):
+            passages.append((" ".join(words[start : start + PASSAGE_WORDS]), family))
     return passages
 
 
 @lru_cache(maxsize=1)
 def _docstrings() -> list[tuple[str, str]]:
-    """(first 30 words of a public function's docstring, module name)."""
+    """(first ``DOCSTRING_WORDS`` words of a public function's docstring, module name)."""
     items = []
     for module_name in STDLIB_MODULES:
         module = _import(module_name)
@@ -113,7 +143,7 @@ def _docstrings() -> list[tuple[str, str]]:
             doc = inspect.getdoc(obj)
             if not doc or getattr(obj, "__module__", module_name) not in (module_name, None, "posix", "_json", "_heapq", "_random", "binascii"):
                 continue
-            items.append((" ".join(doc.split()[:30]), module_name))
+            items.append((" ".join(doc.split()[:DOCSTRING_WORDS]), module_name))
     return items
 
 
@@ -139,12 +169,42 @@ def _generate(name: str, rng: random.Random) -> tuple[str, Example]:
         expression = _pyeval_expression(rng)
         value = eval(expression, {"__builtins__": {"len": len, "max": max, "sorted": sorted}})  # our own template
         return expression, Example(f"Evaluate: {expression}\nResult:", str(value))
+    if name == "add3":
+        a, b, c = rng.randint(10, 99), rng.randint(1, 9), rng.randint(1, 9)
+        return f"{a}+{b}+{c}", Example(f"Compute: {a}+{b}+{c} =", str(a + b + c))
+    if name in ("reverse_chars", "sort_chars"):
+        word = rng.choice(_words())
+        letters = list(word[::-1]) if name == "reverse_chars" else sorted(word)
+        return word, Example(f"Letters: {' '.join(word)}\nOutput:", " ".join(letters))
+    if name in WORD_POSITION:
+        words = rng.sample(_common_words(), 4)
+        return " ".join(words), Example(f"Words: {' '.join(words)}\nAnswer:", words[WORD_POSITION[name]])
     word = rng.choice(_words())
     if name == "reverse":
         return word, Example(f"Input: {word}\nOutput:", word[::-1])
     if name == "sort_letters":
         return word, Example(f"Input: {word}\nOutput:", "".join(sorted(word)))
     raise KeyError(name)
+
+
+def _balanced_draw(by_label: dict[str, list[str]], n: int, rng: random.Random) -> list[tuple[str, str]]:
+    """``n`` (text, label) items, labels in turn (no class dominates: ``os`` has most docstrings).
+
+    Each label's items are shuffled and used without repetition; a label whose items
+    are used up drops out of the rotation until every label is used up, then all start
+    again. So a split repeats an item only when ``n`` exceeds its size.
+    """
+    labels = sorted(by_label)
+    queues: dict[str, list[str]] = {}
+    chosen: list[tuple[str, str]] = []
+    while len(chosen) < n:
+        if not any(queues.values()):
+            queues = {label: rng.sample(by_label[label], len(by_label[label])) for label in labels}
+        order = [label for label in labels if queues[label]]
+        rng.shuffle(order)
+        for label in order[: n - len(chosen)]:
+            chosen.append((queues[label].pop(), label))
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -179,12 +239,7 @@ class Task:
             by_label: dict[str, list[str]] = {}
             for text, label in items:
                 by_label.setdefault(label, []).append(text)
-            labels = sorted(by_label)
-            # Balanced: draw the label first, so no class dominates (os has most docstrings).
-            chosen = []
-            for _ in range(n):
-                label = labels[rng.randrange(len(labels))]
-                chosen.append((rng.choice(by_label[label]), label))
+            chosen = _balanced_draw(by_label, n, rng)
             if self.role == "domain":
                 return [Example("", text) for text, _ in chosen]
             label = "License:" if self.name == "license" else "Module:"
@@ -209,6 +264,12 @@ TASKS: dict[str, Task] = {
         Task("pyeval", "exact_match", "task", "value of a small Python expression"),
         Task("reverse", "exact_match", "task", "a word spelled backwards"),
         Task("sort_letters", "exact_match", "task", "a word's letters in alphabetical order (same input format as reverse)"),
+        Task("add3", "exact_match", "task", "a two-digit number plus two digits (two carries at most)"),
+        Task("reverse_chars", "exact_match", "task", "a word's letters, space-separated, in reverse order"),
+        Task("sort_chars", "exact_match", "task", "a word's letters, space-separated, in alphabetical order (same input format as reverse_chars)"),
+        Task("first_word", "exact_match", "task", "the first of four common words (copying: learnable by a small model)"),
+        Task("second_word", "exact_match", "task", "the second of four common words (same input format as first_word)"),
+        Task("last_word", "exact_match", "task", "the last of four common words (same input format as first_word)"),
         Task("license", "exact_match", "task", "the license family of a passage of a Debian license text"),
         Task("stdlib", "exact_match", "task", "the standard-library module of a docstring"),
         Task("lm_licenses", "exp_neg_loss", "domain", "language modelling on license texts"),
@@ -270,10 +331,38 @@ class TaskDataset(torch.utils.data.Dataset):
         return self.rows[index]
 
 
+def _answer_logits(model: Any, batch: dict[str, Tensor], answer: Tensor) -> Tensor:
+    """Logits at the positions that predict answer tokens only (``answer`` masks ``input_ids[:, 1:]``).
+
+    For a model with an output embedding (every ``transformers`` causal LM, PEFT-wrapped
+    or not) the output layer is applied to those positions alone — on a short answer
+    after a long prompt it is most of the vocabulary projection saved. Models with logit
+    soft-capping, or without ``get_output_embeddings``, take the plain path.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if isinstance(head, torch.nn.Linear) and not getattr(config, "final_logit_softcapping", None):
+        try:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True, logits_to_keep=1)
+        except TypeError:  # a model whose forward takes no logits_to_keep
+            out = None
+        if out is not None and getattr(out, "hidden_states", None) is not None:
+            return head(out.hidden_states[-1][:, :-1][answer])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[:, :-1][answer]
+
+
 @torch.no_grad()
 def score(model: Any, tokenizer: Any, task: Task, examples: Sequence[Example], batch_size: int = 32) -> float:
-    """The task's metric on ``examples``: exact match (one forward pass per batch) or exp(−loss)."""
-    rows = encode_examples(tokenizer, examples)
+    """The task's metric on ``examples``: exact match (one forward pass per batch) or exp(−loss).
+
+    Examples are batched by length, ``batch_size`` at a time, without gradients, in eval
+    mode (the model's mode is restored). Exact match counts an example when every answer
+    token and the EOS token is the argmax given the gold prefix; ``exp_neg_loss`` is
+    ``exp`` of the mean token loss over all answer tokens.
+    """
+    # Batches of similar length waste little on padding (the sum over examples is order-free).
+    rows = sorted(encode_examples(tokenizer, examples), key=lambda row: len(row["input_ids"]))
     was_training = model.training
     model.eval()
     hits = 0
@@ -282,16 +371,16 @@ def score(model: Any, tokenizer: Any, task: Task, examples: Sequence[Example], b
     try:
         for start in range(0, len(rows), batch_size):
             batch = collate(rows[start : start + batch_size], pad_id=tokenizer.pad_token_id or 0)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             targets = batch["labels"][:, 1:]
-            predicted = logits[:, :-1]
             answer = targets != -100
+            predicted = _answer_logits(model, batch, answer)  # [answer tokens, vocab]
+            gold = targets[answer]
             if task.metric == "exact_match":
-                correct = (predicted.argmax(-1) == targets) | ~answer
-                hits += int(correct.all(dim=1).sum())
+                wrong = torch.zeros(answer.shape, dtype=torch.bool)
+                wrong[answer] = predicted.argmax(-1) != gold
+                hits += int((~wrong.any(dim=1)).sum())
             else:
-                losses = torch.nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
-                total_loss += float(losses)
+                total_loss += float(torch.nn.functional.cross_entropy(predicted.float(), gold, reduction="sum"))
                 total_tokens += int(answer.sum())
     finally:
         model.train(was_training)

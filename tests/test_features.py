@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mergeprobe.adapters import LoraAdapter, LoraModule, load_adapter
+from mergeprobe.adapters import LoraAdapter, LoraModule, load_adapter, module_kind, module_layer
 from mergeprobe.features import (
     MODULE_FEATURES,
     alignment_profile,
@@ -16,6 +16,7 @@ from mergeprobe.features import (
     cross_disturbance,
     module_pair_features,
     pairwise_features,
+    per_module_features,
     set_cross_disturbance,
     set_features,
     subspace_overlap,
@@ -150,6 +151,28 @@ def test_cross_disturbance_is_zero_with_a_zero_partner_and_positive_otherwise():
     features = pairwise_features(a, zero, quiet)
     assert {"cross_disturbance.mean", "cross_disturbance.max", "cross_relative_change.mean"} <= set(features)
     assert "disturbance.a" not in features
+
+
+def test_cross_disturbance_with_a_shared_cache_of_own_states_is_unchanged():
+    base = build_tiny_llama()
+    a, b, c = _signals(1), _signals(2, batch_seed=5), _signals(3, batch_seed=6)
+    cache: dict = {}
+    for other in (b, c):
+        cached, fresh = cross_disturbance(base, a, other, own_states=cache), cross_disturbance(base, a, other)
+        assert cached.keys() == fresh.keys()
+        for name, value in fresh.items():
+            assert torch.equal(cached[name], value) if isinstance(value, torch.Tensor) else cached[name] == value
+    assert set(cache) == {id(a), id(b), id(c)}
+
+
+def test_alignment_profile_cells_are_the_per_module_means_exactly():
+    a, b = _signals(1), _signals(2, sign=-1.0)
+    table = per_module_features(a, b)
+    for signal, name in (("update", "update_alignment"), ("gradient", "gradient_alignment")):
+        layers, kinds, matrix = alignment_profile(a, b, signal=signal)
+        for key, row in table.items():
+            cell = matrix[layers.index(module_layer(key)), kinds.index(module_kind(key))]
+            assert float(cell) == float(torch.tensor(row[name], dtype=torch.float32))
 
 
 def test_set_features_aggregate_pairs_and_add_the_set_cross_disturbance():

@@ -254,6 +254,19 @@ def test_disturbance_is_zero_for_a_fresh_lora_and_positive_for_a_random_one():
     assert float(rep["relative_change"].min()) > 1e-3
 
 
+def test_hidden_states_equal_those_of_a_forward_computing_every_logit():
+    # hidden_states asks a causal LM for the last position's logits only; the states must not change at all.
+    model = build_lora_model(seed=2).eval()
+    ids, mask = _ids(3, n=3), torch.ones(3, 10, dtype=torch.long)
+    mask[2, 5:] = 0
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    expected = [state[mask.bool()] for state in full.hidden_states[1:]]
+    assert full.logits.shape[1] == 10  # the reference computed every position's logits
+    for got, want in zip(hidden_states(model, ids, mask, batch_size=3), expected, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_apply_updates_reproduces_the_adapter_and_cleans_up():
     model = build_lora_model(seed=1)
     ids = _ids(0)

@@ -1,0 +1,1 @@
+"""Benchmarks of mergeprobe (run as modules, e.g. ``python -m benchmarks.mergebench.run``)."""
