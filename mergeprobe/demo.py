@@ -50,8 +50,8 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         if self.quick:
-            self.steps = min(self.steps, 16)
-            self.train_examples = min(self.train_examples, 128)
+            self.steps = min(self.steps, 10)
+            self.train_examples = min(self.train_examples, 80)
             self.test_examples = min(self.test_examples, 16)
 
 
@@ -59,7 +59,8 @@ def _tiny_model(tokenizer: Any) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+    # The LM head over SmolLM2's 49k-token vocabulary dominates the cost: keep the width small.
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     model = LlamaForCausalLM(config)
     model.config.name_or_path = "tiny-llama-demo"
