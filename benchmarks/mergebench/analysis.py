@@ -513,6 +513,22 @@ def single_scores(quick: bool, part: str) -> dict[str, Any]:
     return out
 
 
+def compute_seconds(quick: bool, part: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Seconds each artefact took to make, summed from the artefacts themselves (robust to resumed runs)."""
+    folder = cache_root(quick) / part
+    singles = single_scores(quick, part)
+    pretrain = read_json(folder / "base" / "pretrain_summary.json") or {}
+    merges = [r.get("seconds") for r in results.values() if r.get("seconds") is not None]
+    return {
+        "pretraining": pretrain.get("seconds"),
+        "adapters": sum(s["train_seconds"] or 0.0 for s in singles.values()),
+        "adapter_steps": sum(s["steps"] for s in singles.values()),
+        "merges_run": len(merges),
+        "merges_skipped": sum(1 for r in results.values() if r.get("skipped")),
+        "merge_and_score": sum(merges),
+    }
+
+
 def all_results(quick: bool, part: str) -> dict[str, dict[str, Any]]:
     folder = cache_root(quick) / part / "merges"
     out = {}
@@ -537,6 +553,7 @@ def analyse(quick: bool) -> dict[str, Any]:
         rows = tables[part]
         out["parts"][part] = {
             "single": single_scores(quick, part),
+            "compute_seconds": compute_seconds(quick, part, results[part]),
             "rows": len(rows),
             "merges": len(results[part]),
             "labelled_pairs_and_sets": len({r["meta"]["job"] for r in rows}),

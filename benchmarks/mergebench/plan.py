@@ -183,13 +183,16 @@ A first sweep (single-seed runs, noted in the report) trained on whole-word copy
 license and docstring tasks and the domain corpora: the tiny model memorised its small
 text pools in pretraining, and only 4 of 28 adapters beat the base by the labelling margin
 on held-out data."""
+TINY_EXTRA_TASKS = ("first_word", "second_word", "last_word", "license", "stdlib", "second_word", "last_word", "license")
+"""A second batch of sweep adapters, drawn from the learning rates and lengths that the first
+batch showed the tiny model needs (``4e-3``–``8e-3``, 120–200 steps)."""
 
 
-def _tiny_adapters(tasks: tuple[str, ...], steps: tuple[int, ...], lrs: tuple[float, ...], seed: int = 0) -> list[AdapterSpec]:
-    """One adapter per entry of ``tasks``, with rank, learning rate, length and seed drawn at random."""
+def _tiny_adapters(tasks: tuple[str, ...], steps: tuple[int, ...], lrs: tuple[float, ...], seed: int = 0, start: int = 0) -> list[AdapterSpec]:
+    """One adapter per entry of ``tasks``, with rank, learning rate, length and seed drawn at random (names from ``start``)."""
     rng = random.Random(seed)
     adapters = []
-    for index, task in enumerate(tasks):
+    for index, task in enumerate(tasks, start=start):
         rank = rng.choice((2, 4, 8, 16))
         adapters.append(
             AdapterSpec(
@@ -228,6 +231,7 @@ def tiny_plan(quick: bool = False) -> PartPlan:
         test_size = 32
     else:
         adapters = _tiny_adapters(TINY_TASKS, (60, 120, 200), (4e-3, 8e-3, 1.6e-2))
+        adapters += _tiny_adapters(TINY_EXTRA_TASKS, (120, 200), (4e-3, 8e-3), seed=1, start=len(adapters))
         sets = _random_sets([a.name for a in adapters], {3: 30, 4: 10})
         pretrain = {"steps": 800, "batch_size": 32, "lr": 3e-3}
         test_size = 64

@@ -76,7 +76,18 @@ def render(analysis: dict[str, Any], timings: dict[str, float], command: str) ->
         f"(ALGORITHMS.md §5); the predictor's target is the retention under **{TARGET_METHOD}** (task arithmetic). "
         "Members whose adapter did not learn its task (exact match gain < 0.1 over the base, or exp(−loss) ratio < 1.1) get no label.",
         "",
-        "## Wall time",
+        "## Compute time",
+        "",
+        "Summed from the cached artefacts (each records how long it took), so resumed runs count once; "
+        "measured on 2 CPU cores shared with other jobs, one torch thread per process.",
+        "",
+        _table(["part", "pretraining s", "adapters s", "adapter steps", "merges scored", "merges skipped (no member learnt)",
+                "merge + score s"],
+               [[p, *(analysis["parts"][p]["compute_seconds"].get(k) for k in
+                      ("pretraining", "adapters", "adapter_steps", "merges_run", "merges_skipped", "merge_and_score"))]
+                for p in analysis["parts"]]),
+        "",
+        "Wall time of the last invocation of each stage (a stage that found its work cached is quick):",
         "",
         _table(["stage", "seconds"], [[k, round(v)] for k, v in sorted(timings.items())]),
         "",
