@@ -547,6 +547,12 @@ def analyse(with_runs: list[dict[str, Any]], without_runs: list[dict[str, Any]])
         field: statistics.median(sum(p.get(name, {}).get(field, 0.0) for name in ("train_begin", "step_end_events", "train_end")) for p in phases)
         for field in ("seconds", "cpu_seconds")
     }
+    # The callback's own on_step_end, one call per step: its direct per-step cost on the untracked steps after the window.
+    untracked = [i for i in range(window[1], len(with_runs[0]["step_seconds"])) if not (track_every and (i + 1) % track_every == 0)]
+    step_end_calls = [[c["seconds"] for c in r["phases"] if c["phase"] == "step_end_events"] for r in with_runs]
+    own_step = statistics.median(calls[i] for calls in step_end_calls for i in untracked if i < len(calls)) if untracked else math.nan
+    wall["outside_window"]["callback_step_end_median_seconds"] = own_step
+    wall["outside_window"]["callback_step_end_share"] = own_step / wall["outside_window"]["median_step_without"]
     return {
         "steps": len(with_runs[0]["step_seconds"]),
         "window": list(window),
@@ -578,6 +584,7 @@ def targets_met(result: dict[str, Any]) -> dict[str, bool]:
     return {
         "total": result["total_seconds"]["overhead"] <= TARGET_TOTAL,
         "step_outside_window": result["outside_window"]["median_overhead"] <= TARGET_STEP_OUTSIDE,
+        "step_outside_window_direct": result["outside_window"]["callback_step_end_share"] <= TARGET_STEP_OUTSIDE,
         "peak_rss": result["peak_rss_mb"]["overhead"] <= TARGET_RSS,
     }
 
@@ -687,7 +694,9 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
         [f"  of which comparisons with {len(result['compared_with'])} stored run(s)", "", phase("comparisons"), "", "", ""],
         ["  TensorBoard scalars + heatmaps", "", phase("tensorboard"), "", "", ""],
         ["step outside window, median (s)", _s(outside["median_step_without"]), _s(outside["median_step_with"]), _pct(outside["median_overhead"]),
-         _pct(cpu["outside_window"]["median_overhead"]), verdict("step_outside_window", "≤ 0.5 %")],
+         _pct(cpu["outside_window"]["median_overhead"]), verdict("step_outside_window", "≤ 0.5 %") + " (A/B)"],
+        ["  the callback's own on_step_end there, median (ms)", "", f"{1e3 * outside['callback_step_end_median_seconds']:.3f}",
+         _pct(outside["callback_step_end_share"]), "", verdict("step_outside_window_direct", "≤ 0.5 %")],
         [f"all {outside['steps']} steps outside window, summed (tracking incl.)", "", "", _pct(outside["summed_overhead"]),
          _pct(cpu["outside_window"]["summed_overhead"]), ""],
         [f"tracking at steps {', '.join(map(str, outside['tracking_steps'])) or '—'} + train end", "", phase("tracking"),
@@ -720,8 +729,14 @@ def result_notes(results: list[dict[str, Any]], threads: int) -> list[str]:
          "write, cross-disturbance against each stored run (base + own update and base + merged update on both runs' probe batches: "
          "1 + 3 forward passes of a probe batch per stored run, this run's own states computed once) and the TensorBoard heatmaps."),
         ("Outside the window: 'median' is the median over steps of the per-step ratio with/without (steps without tracking) — the steady "
-         "state; 'summed' adds the tracking steps (update alignment and every pairwise feature against each stored run, every track_every "
-         "steps) and step noise."),
+         "state, as an A/B comparison of two processes, whose noise on this shared machine is about ±1.5 % for one pair of the default "
+         "model (the same benchmark gave −1.4 % and +1.2 % on two occasions); 'direct' is the callback's own on_step_end time on those "
+         "steps, timed inside it (its hooks are removed at the window end, so that is all it does there); 'summed' adds the tracking steps "
+         "(update alignment and every pairwise feature against each stored run, every track_every steps) and step noise. On the tiny "
+         "model a steady +2–3 % remains in the A/B comparison: it comes from the libraries the callback imports (scikit-learn through the "
+         "predictor lookup, matplotlib for the heatmaps), not from its code — with predictor=None and tensorboard=False it vanishes, and "
+         "importing scikit-learn at train begin without the callback costs the same; on the default model that import makes no "
+         "measurable difference."),
         ("The default model is loaded with mergeprobe.models.load_base_model('default'); the benchmark then removes transformers' GGUF "
          "quantisation marker (the weights are already float32), without which Trainer refuses to train it."),
         ("The callback runs with every argument at its default; no retention predictor is shipped in this build, so predictor='default' "

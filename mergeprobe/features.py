@@ -26,6 +26,22 @@ only on the modules' kinds. The stored self-disturbance adds
 (over both runs' layers), and :func:`cross_disturbance` adds
 ``cross_disturbance.mean`` / ``.max`` and ``cross_relative_change.mean`` / ``.max``.
 
+Those features are symmetric, yet the two members of a pair rarely keep the same share
+of their skill (one adapter can keep 90 % while the other keeps nothing). The oriented
+:func:`member_features` tell them apart, from the same signals, towards the member ``a``
+whose retention is predicted (prefix ``member.`` for ``a``, ``partner.`` for the
+others):
+
+- ``member.cross_disturbance.mean`` / ``.max``, ``member.cross_relative_change.mean`` /
+  ``.max``: the cross-disturbance on ``a``'s own probe batch only (its half of the pooled
+  ``cross_*``); ``partner.cross_disturbance.mean``, ``partner.cross_relative_change.mean``:
+  the same on the partners' batches (mean over partners);
+- ``member.self_disturbance.mean``, ``member.self_relative_change.mean``: ``a``'s own;
+- ``member.log_norm_ratio``: ``log ‖ΔW_a‖_F / mean ‖ΔW_partner‖_F`` over all modules (signed).
+
+:func:`oriented_pairwise_features` is the union, and is what the retention predictor
+reads for "the retention of ``a`` when merged with ``b``".
+
 Every feature is a finite float: a zero update has alignment 0, overlaps 0 and
 crowding 0. What is ours and not the paper's: the symmetric log norm ratio, the
 normalised entropy, numerical ranks in the overlaps and the empty-group rule.
@@ -55,20 +71,37 @@ import torch
 from torch import Tensor
 
 from mergeprobe.adapters import module_kind, module_layer
-from mergeprobe.core import Factors, collision_shares, compute_dtype, cosine, frobenius_norm
-from mergeprobe.signals import RunSignals, apply_updates, hidden_states, representation_disturbance
+from mergeprobe.core import (
+    Factors,
+    collision_shares,
+    compute_dtype,
+    cosine,
+    frobenius_norm,
+)
+from mergeprobe.signals import (
+    RunSignals,
+    apply_updates,
+    hidden_states,
+    representation_disturbance,
+)
 
 __all__ = [
+    "MEMBER_PREFIXES",
     "MODULE_FEATURES",
     "alignment_profile",
     "b_collision_shares",
     "cross_disturbance",
+    "member_features",
     "module_pair_features",
+    "oriented_pairwise_features",
     "pairwise_features",
     "per_module_features",
     "set_cross_disturbance",
     "set_features",
     "subspace_overlap",
+    "swap_cross",
+    "symmetric_part",
+    "update_norm",
 ]
 
 MODULE_FEATURES = (
@@ -279,6 +312,102 @@ def pairwise_features(a: RunSignals, b: RunSignals, cross: Mapping[str, Any] | N
         if name.startswith("cross_") and isinstance(value, (int, float)):
             features[name] = float(value)
     return {name: _finite(value) for name, value in sorted(features.items())}
+
+
+MEMBER_PREFIXES = ("member.", "partner.")
+"""Prefixes of the oriented features (:func:`member_features`)."""
+
+
+def update_norm(signals: RunSignals) -> float:
+    """``‖ΔW‖_F`` of a run's window update over all its modules."""
+    return math.sqrt(sum(float(frobenius_norm(f)) ** 2 for f in signals.update.values()))
+
+
+def _values(tensors: Sequence[Tensor]) -> Tensor:
+    flat = [t.reshape(-1).to(torch.float64) for t in tensors]
+    return torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
+
+
+def _stat(values: Tensor, how: str) -> float:
+    if values.numel() == 0:
+        return 0.0
+    return _finite(float(values.mean() if how == "mean" else values.max()))
+
+
+def member_features(
+    member: RunSignals,
+    partners: Sequence[RunSignals],
+    cross: Mapping[str, Any] | None,
+    labels: tuple[str, Sequence[str]] = ("a", ("b",)),
+) -> dict[str, float]:
+    """Features oriented towards ``member`` in a merge with ``partners`` (names in the module docstring).
+
+    Parameters
+    ----------
+    member, partners:
+        The run whose retention is predicted and the runs it is merged with.
+    cross:
+        :func:`cross_disturbance` (labels ``"a"``, ``"b"``) or
+        :func:`set_cross_disturbance` (labels ``"0"``, ``"1"``, …) of the merge; without
+        it only the self and norm features are returned.
+    labels:
+        The labels of ``member`` and of each partner in ``cross``'s per-layer entries
+        ``disturbance.<label>`` / ``relative_change.<label>``.
+
+    Example
+    -------
+    >>> cross = cross_disturbance(base_model, run_a, run_b)  # doctest: +SKIP
+    >>> member_features(run_a, [run_b], cross)["member.cross_disturbance.mean"]  # doctest: +SKIP
+    0.003
+    """
+    if not partners:
+        raise ValueError("member_features needs at least one partner run")
+    own_label, partner_labels = labels
+    if len(partner_labels) != len(partners):
+        raise ValueError(f"labels name {len(partner_labels)} partner(s) for {len(partners)} partner run(s)")
+    partner_norm = sum(update_norm(p) for p in partners) / len(partners)
+    out = {
+        "member.self_disturbance.mean": _stat(_values([member.disturbance]), "mean"),
+        "member.self_relative_change.mean": _stat(_values([member.relative_change]), "mean"),
+        "member.log_norm_ratio": math.log((update_norm(member) + _NORM_EPS) / (partner_norm + _NORM_EPS)),
+    }
+    if cross is not None:
+        for name in ("disturbance", "relative_change"):
+            own = _values([cross[f"{name}.{own_label}"]])
+            out[f"member.cross_{name}.mean"] = _stat(own, "mean")
+            out[f"member.cross_{name}.max"] = _stat(own, "max")
+            per_partner = [_stat(_values([cross[f"{name}.{label}"]]), "mean") for label in partner_labels]
+            out[f"partner.cross_{name}.mean"] = _mean(per_partner)
+    return {name: _finite(value) for name, value in sorted(out.items())}
+
+
+def oriented_pairwise_features(a: RunSignals, b: RunSignals, cross: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """:func:`pairwise_features` of (a, b) plus :func:`member_features` oriented towards ``a``.
+
+    What the retention predictor reads for the retention of ``a`` merged with ``b``;
+    swap the runs (the same ``cross``, whose labels follow the runs) for ``b``'s.
+
+    Example
+    -------
+    >>> cross = cross_disturbance(base_model, run_a, run_b)  # doctest: +SKIP
+    >>> for_a = oriented_pairwise_features(run_a, run_b, cross)  # doctest: +SKIP
+    >>> for_b = oriented_pairwise_features(run_b, run_a, swap_cross(cross))  # doctest: +SKIP
+    """
+    return {**pairwise_features(a, b, cross), **member_features(a, [b], cross)}
+
+
+def swap_cross(cross: Mapping[str, Any]) -> dict[str, Any]:
+    """A pair's :func:`cross_disturbance` with the roles of ``a`` and ``b`` exchanged."""
+    swapped = dict(cross)
+    for name in ("disturbance", "relative_change"):
+        if f"{name}.a" in cross and f"{name}.b" in cross:
+            swapped[f"{name}.a"], swapped[f"{name}.b"] = cross[f"{name}.b"], cross[f"{name}.a"]
+    return swapped
+
+
+def symmetric_part(features: Mapping[str, float]) -> dict[str, float]:
+    """The features of a pair without the oriented ``member.`` / ``partner.`` ones."""
+    return {k: v for k, v in features.items() if not k.startswith(MEMBER_PREFIXES)}
 
 
 def alignment_profile(a: RunSignals, b: RunSignals, signal: str = "update") -> tuple[list[int], list[str], Tensor]:

@@ -332,7 +332,12 @@ class ProbeRun:
         ``own_states`` caches the runs' own hidden states between comparisons (see
         :func:`~mergeprobe.features.cross_disturbance`).
         """
-        from mergeprobe.features import alignment_profile, cross_disturbance, pairwise_features
+        from mergeprobe.features import (
+            alignment_profile,
+            cross_disturbance,
+            oriented_pairwise_features,
+            swap_cross,
+        )
 
         was_training = model.training
         model.eval()
@@ -341,9 +346,11 @@ class ProbeRun:
                 cross = cross_disturbance(model, self.signals, other, own_states=own_states)
         finally:
             model.train(was_training)
-        features = pairwise_features(self.signals, other, cross)
+        features = oriented_pairwise_features(self.signals, other, cross)
         mean, lower = self._predict(features)
+        # Both orientations: the other run's retention in this pair needs this run's model pass too.
         self.store.write_pair_features(self.run_name, name, features)
+        self.store.write_pair_features(name, self.run_name, oriented_pairwise_features(other, self.signals, swap_cross(cross)))
         return Comparison(name, features, alignment_profile(self.signals, other), mean, lower)
 
     def _compare_all(self, model: Any) -> None:
@@ -360,7 +367,7 @@ class ProbeRun:
         alignment with each stored window update (cheap, no forward pass) and the
         retention that implies, keeping the window's cross-disturbance.
         """
-        from mergeprobe.features import pairwise_features
+        from mergeprobe.features import MEMBER_PREFIXES, pairwise_features
         from mergeprobe.signals import update_between
 
         if self.signals is None or self._start is None:
@@ -371,7 +378,8 @@ class ProbeRun:
         for name, other in self._compatible_others().items():
             if name not in self.comparisons:
                 self.comparisons[name] = self._compare(model, name, other)
-            kept = {k: v for k, v in self.comparisons[name].features.items() if k.startswith("cross_")}
+            # Forward-pass features (cross-disturbance, member/partner) stay as measured at the window end.
+            kept = {k: v for k, v in self.comparisons[name].features.items() if k.startswith(("cross_", *MEMBER_PREFIXES))}
             features = {**pairwise_features(now, other, None), **kept}
             features["update_alignment.global"] = _global_cosine(current, other.update)
             mean, lower = self._predict(features)

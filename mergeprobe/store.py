@@ -905,11 +905,16 @@ class ProbeStore:
     # ----------------------------------------------------------------- features
 
     def pairwise_features(self, run_a: str, run_b: str, model: Any = None) -> dict[str, float]:
-        """Pairwise mergeability features of two stored runs, oriented (a, b).
+        """Pairwise mergeability features of two stored runs, oriented towards ``a``.
+
+        The symmetric features of :func:`~mergeprobe.features.pairwise_features` plus the
+        ``member.`` / ``partner.`` ones of :func:`~mergeprobe.features.member_features`:
+        what the predictor reads for ``a``'s retention in a merge with ``b``.
 
         Without ``model``, the features a run's probe stored for this pair (with the
-        cross-disturbance it computed on the model it had in memory) are returned; the
-        reverse orientation stands in when only that one was stored. Otherwise they
+        cross-disturbance it computed on the model it had in memory) are returned; when
+        only the reverse orientation was stored, its symmetric part stands in and the
+        oriented forward-pass features are missing (the predictor treats them as unknown). Otherwise they
         are computed from the two records; with ``model`` (the base model with its
         PEFT wrapper) the cross-disturbance features are computed too.
 
@@ -918,16 +923,22 @@ class ProbeStore:
         >>> store.pairwise_features("math", "code")["update_alignment.mean"]  # doctest: +SKIP
         0.03
         """
-        if model is None:
-            stored = self.pair_features(run_a, run_b) or self.pair_features(run_b, run_a)
-            if stored is not None:
-                return stored
         from mergeprobe import features
 
+        if model is None:
+            stored = self.pair_features(run_a, run_b)
+            if stored is not None:
+                return stored
+            reverse = self.pair_features(run_b, run_a)
+            if reverse is not None:
+                # The oriented member features of (b, a) are b's; keep the symmetric ones, add a's own.
+                a = self.load_signals(run_a)
+                b = self.load_signals(run_b)
+                return {**features.symmetric_part(reverse), **features.member_features(a, [b], None)}
         a = self.load_signals(run_a)
         b = self.load_signals(run_b)
         cross = features.cross_disturbance(model, a, b) if model is not None else None
-        return features.pairwise_features(a, b, cross)
+        return features.oriented_pairwise_features(a, b, cross)
 
     # ----------------------------------------------------------------- outcomes
 

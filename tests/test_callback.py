@@ -34,11 +34,17 @@ def event_tags(run_dir: Path) -> dict[str, list[str]]:
 
 
 def assert_all_pairs(store: ProbeStore, runs: list[str]) -> None:
+    """Both orientations of every pair stored, with the oriented member features of the right run."""
     for a, b in combinations(runs, 2):
-        features = store.pair_features(a, b) or store.pair_features(b, a)
-        assert features, f"no features for the pair {a}, {b}"
-        for name in ("update_alignment.mean", "gradient_alignment.mean", "cross_disturbance.mean"):
-            assert name in features and features[name] == features[name], (a, b, name)
+        for first, second in ((a, b), (b, a)):
+            features = store.pair_features(first, second)
+            assert features, f"no features for the pair {first}, {second}"
+            for name in ("update_alignment.mean", "gradient_alignment.mean", "cross_disturbance.mean",
+                         "member.cross_disturbance.mean", "partner.cross_disturbance.mean", "member.log_norm_ratio"):
+                assert name in features and features[name] == features[name], (first, second, name)
+        ab, ba = store.pair_features(a, b), store.pair_features(b, a)
+        assert ab["member.cross_disturbance.mean"] == pytest.approx(ba["partner.cross_disturbance.mean"])
+        assert ab["member.log_norm_ratio"] == pytest.approx(-ba["member.log_norm_ratio"])
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +68,23 @@ def test_sequential_runs_fill_the_store(sequential_runs):
         assert any(k.startswith("gradient.") for k in record.tensors)
     assert_all_pairs(store, ["alpha", "beta", "gamma"])
     assert set(callbacks["gamma"]._probe.comparisons) == {"alpha", "beta"}
+
+
+def test_a_pair_stored_in_one_orientation_only_keeps_its_symmetric_features(sequential_runs, tmp_path):
+    import shutil
+
+    from mergeprobe.features import MEMBER_PREFIXES, symmetric_part
+
+    root, _ = sequential_runs
+    shutil.copytree(root / "store", tmp_path / "store")
+    store = ProbeStore(tmp_path / "store")
+    reverse = store.pair_features("beta", "alpha")
+    store._pair_file("alpha", "beta").unlink()  # a store written before both orientations were stored
+    features = store.pairwise_features("alpha", "beta")
+    assert symmetric_part(features) == symmetric_part(reverse)
+    oriented = {k for k in features if k.startswith(MEMBER_PREFIXES)}
+    assert oriented == {"member.self_disturbance.mean", "member.self_relative_change.mean", "member.log_norm_ratio"}
+    assert features["member.log_norm_ratio"] == pytest.approx(-reverse["member.log_norm_ratio"])
 
 
 def test_tensorboard_event_files_hold_the_mergeability_tags(sequential_runs):

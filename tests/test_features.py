@@ -13,13 +13,19 @@ from mergeprobe.features import (
     MODULE_FEATURES,
     alignment_profile,
     b_collision_shares,
+    MEMBER_PREFIXES,
     cross_disturbance,
+    member_features,
     module_pair_features,
+    oriented_pairwise_features,
     pairwise_features,
     per_module_features,
     set_cross_disturbance,
     set_features,
     subspace_overlap,
+    swap_cross,
+    symmetric_part,
+    update_norm,
 )
 from mergeprobe.signals import RunSignals, update_between
 from tests.conftest import build_lora_model, build_tiny_llama
@@ -189,3 +195,45 @@ def test_set_features_aggregate_pairs_and_add_the_set_cross_disturbance():
     # runs 0 and 2 cancel, so the merge of all three is run 1 alone: each member's own update is disturbed
     assert features["set_cross_disturbance.max"] > 1e-3
     assert all(math.isfinite(v) for v in features.values())
+
+
+def test_member_features_tell_the_two_members_of_a_pair_apart():
+    base = build_tiny_llama()
+    a, zero = _signals(1), _signals(2, scale=0.0)
+    cross = cross_disturbance(base, a, zero)
+    for_a = oriented_pairwise_features(a, zero, cross)
+    for_zero = oriented_pairwise_features(zero, a, swap_cross(cross))
+    # the symmetric part is the pair's, whichever member is asked about
+    assert symmetric_part(for_a) == pairwise_features(a, zero, cross)
+    assert symmetric_part(for_zero) == pytest.approx(symmetric_part(for_a), rel=1e-5)
+    # a keeps itself in a + 0, the zero adapter's (base) states move: the members differ, and the roles swap exactly
+    assert for_a["member.cross_disturbance.max"] < 1e-6 < for_zero["member.cross_disturbance.max"]
+    assert for_a["partner.cross_disturbance.mean"] == pytest.approx(for_zero["member.cross_disturbance.mean"])
+    assert for_zero["partner.cross_relative_change.mean"] == pytest.approx(for_a["member.cross_relative_change.mean"])
+    assert for_a["member.self_disturbance.mean"] == pytest.approx(0.2)
+    assert for_zero["member.self_disturbance.mean"] == 0.0
+    assert all(math.isfinite(v) for v in [*for_a.values(), *for_zero.values()])
+
+
+def test_member_log_norm_ratio_is_signed_and_antisymmetric():
+    a, b = _signals(1), _signals(2, scale=3.0)
+    assert update_norm(_signals(2, scale=3.0)) == pytest.approx(3.0 * update_norm(_signals(2)))
+    ab, ba = member_features(a, [b], None), member_features(b, [a], None)
+    assert ab["member.log_norm_ratio"] == pytest.approx(-ba["member.log_norm_ratio"])
+    assert ab["member.log_norm_ratio"] == pytest.approx(math.log(update_norm(a) / update_norm(b)))
+    # without a forward pass only the self and norm features are there
+    assert set(ab) == {"member.self_disturbance.mean", "member.self_relative_change.mean", "member.log_norm_ratio"}
+    assert all(k.startswith(MEMBER_PREFIXES) for k in ab)
+
+
+def test_member_features_in_a_set_average_over_partners():
+    runs = [_signals(1), _signals(2, batch_seed=5), _signals(3, batch_seed=6)]
+    cross_all = set_cross_disturbance(build_tiny_llama(), runs)
+    features = member_features(runs[0], runs[1:], cross_all, ("0", ("1", "2")))
+    partner = [float(cross_all[f"disturbance.{i}"].double().mean()) for i in (1, 2)]
+    assert features["partner.cross_disturbance.mean"] == pytest.approx(sum(partner) / 2)
+    assert features["member.cross_disturbance.max"] == pytest.approx(float(cross_all["disturbance.0"].max()))
+    with pytest.raises(ValueError, match="partner"):
+        member_features(runs[0], runs[1:], cross_all, ("0", ("1",)))
+    with pytest.raises(ValueError, match="at least one partner"):
+        member_features(runs[0], [], None)

@@ -437,11 +437,11 @@ def test_signals_and_pairwise_features_wiring(tmp_path: Path, monkeypatch: pytes
         calls.append(("cross", model))
         return {"cross": 1.0}
 
-    def pairwise_features(a: FakeSignals, b: FakeSignals, cross: dict[str, float] | None) -> dict[str, float]:
+    def oriented_pairwise_features(a: FakeSignals, b: FakeSignals, cross: dict[str, float] | None) -> dict[str, float]:
         calls.append(("pairwise", cross))
         return {"alignment": float(a.tensors["g"].item() * b.tensors["g"].item()), "steps": float(a.meta()["k"])}
 
-    features = types.SimpleNamespace(cross_disturbance=cross_disturbance, pairwise_features=pairwise_features)
+    features = types.SimpleNamespace(cross_disturbance=cross_disturbance, oriented_pairwise_features=oriented_pairwise_features)
     monkeypatch.setitem(sys.modules, "mergeprobe.signals", types.SimpleNamespace(RunSignals=FakeSignals))
     monkeypatch.setitem(sys.modules, "mergeprobe.features", features)
     monkeypatch.setattr(mergeprobe, "features", features, raising=False)

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import inspect
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
-from mergeprobe.tasks import LICENSE_DIR, LICENSES, STDLIB_MODULES, TASKS, get_task, score
+from mergeprobe.tasks import (
+    LICENSE_DIR,
+    LICENSES,
+    STDLIB_MODULES,
+    TASKS,
+    get_task,
+    score,
+)
 
 COMPUTED = ("arithmetic", "add3", "pyeval", "reverse", "sort_letters", "reverse_chars", "sort_chars", "first_word", "second_word", "last_word")
 needs_licenses = pytest.mark.skipif(not LICENSE_DIR.is_dir(), reason="Debian's /usr/share/common-licenses is not installed")
@@ -90,7 +96,7 @@ def test_letter_tasks_share_the_input_format_and_differ_in_output():
 def test_pyeval_answers_are_exact():
     for example in get_task("pyeval").examples("train", 300, seed=0):
         expression = re.fullmatch(r"Evaluate: (.*)\nResult:", example.prompt).group(1)
-        assert example.answer == str(eval(expression))  # noqa: S307 - our own templates
+        assert example.answer == str(eval(expression))
 
 
 def test_string_tasks_share_the_input_format_and_differ_in_output():

@@ -33,7 +33,6 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +40,15 @@ import numpy as np
 
 from benchmarks.mergebench.common import PACKAGE_DATA, cache_root, read_json, write_json
 from benchmarks.mergebench.plan import DOMAIN_TASKS, TARGET_METHOD, plan
-from benchmarks.mergebench.rows import MEMBER_PREFIXES
 from mergeprobe.decision import decide
+from mergeprobe.features import MEMBER_PREFIXES
 
 FEATURE_SETS = ("library", "library+member")
+DEFAULT_FEATURE_SET = "library"
+"""The shipped default uses only the features the callback computes at inference time. The
+benchmark's member features (``member.*``, ``partner.*``) predict far better, but until
+:func:`mergeprobe.features.pairwise_features` produces them a model fitted on them would see
+them missing in every real prediction."""
 COSINE = "update_alignment.mean"
 HIST_EDGES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, math.inf]
 POLICY_METHODS = ("linear", "ties", "dare_ties", "tsvm", "pico_linear", "tada")
@@ -101,7 +105,7 @@ def scores(y: Sequence[float], pred: Sequence[float]) -> dict[str, Any]:
     y, pred = np.asarray(y, float), np.asarray(pred, float)
     if len(y) == 0:
         return {"n": 0, "spearman": None, "mae": None}
-    return {"n": int(len(y)), "spearman": spearman(pred, y), "mae": float(np.mean(np.abs(pred - y)))}
+    return {"n": len(y), "spearman": spearman(pred, y), "mae": float(np.mean(np.abs(pred - y)))}
 
 
 def _fit(rows: list[dict[str, Any]], feature_set: str) -> Any:
@@ -140,7 +144,7 @@ class Predictions:
         self.lower: dict[tuple, float] = {}
         self.base_mean: dict[tuple, float] = {}
         self.base_cosine: dict[tuple, float] = {}
-        self.feature_importance: Any = None
+        self.grouping = "task"
 
     @staticmethod
     def key(row: dict[str, Any]) -> tuple:
@@ -171,12 +175,23 @@ class Predictions:
 
 
 def leave_one_task_out(rows: list[dict[str, Any]], feature_set: str) -> Predictions:
-    """Strict leave-one-task-out predictions for every row (see the module docstring)."""
+    """Strict leave-one-task-out predictions for every row (see the module docstring).
+
+    With labels on a single task only (a ``--quick`` run can end up so) there is nothing to
+    hold a task out against: the groups are then the runs (leave one adapter out, as
+    strictly), and ``Predictions.grouping`` says so.
+    """
     predictions = Predictions()
-    for task in sorted({r["task"] for r in rows}):
-        train = [r for r in rows if task not in involved(r)]
-        test = [r for r in rows if r["task"] == task]
-        if len(train) < 10 or not test:
+    by_task = len({r["task"] for r in rows}) >= 2
+    predictions.grouping = "task" if by_task else "run"
+
+    def members(row: dict[str, Any]) -> set[str]:
+        return involved(row) if by_task else {row["meta"]["run"], *row["meta"]["others"]}
+
+    for group in sorted({r["task"] if by_task else r["meta"]["run"] for r in rows}):
+        train = [r for r in rows if group not in members(r)]
+        test = [r for r in rows if (r["task"] if by_task else r["meta"]["run"]) == group]
+        if len(train) < 3 or not test:
             continue
         predictions.add(test, _fit(train, feature_set), feature_set, train)
     return predictions
@@ -332,6 +347,14 @@ def set_evaluation(rows: list[dict[str, Any]], results: dict[str, dict[str, Any]
     sets = [r for r in results.values() if len(r["members"]) > 2 and r["method"] == TARGET_METHOD]
     for result in sets:
         part, members = result["part"], result["members"]
+        # Product rule for every labelled member whose pairs with the others were all predicted and measured.
+        for m in result["labelled"]:
+            keys = [(part, m, (o,)) for o in members if o != m]
+            if all(k in predictions.mean for k in keys) and all((part, m, o) in pair_truth for o in members if o != m):
+                truth.append(result["retention"][m])
+                predicted_product.append(math.prod(predictions.mean[k] for k in keys))
+                measured_product.append(math.prod(pair_truth[(part, m, o)] for o in members if o != m))
+        # Set decisions need every ordered pair, i.e. every member labelled.
         ordered = [(i, j) for i in members for j in members if i != j]
         keys = {(i, j): (part, i, (j,)) for i, j in ordered}
         if not all(k in predictions.mean for k in keys.values()) or not all((part, i, j) in pair_truth for i, j in ordered):
@@ -339,10 +362,6 @@ def set_evaluation(rows: list[dict[str, Any]], results: dict[str, dict[str, Any]
         pred = {(i, j): predictions.mean[keys[(i, j)]] for i, j in ordered}
         low = {(i, j): predictions.lower[keys[(i, j)]] for i, j in ordered}
         meas = {(i, j): pair_truth[(part, i, j)] for i, j in ordered}
-        for m in result["labelled"]:
-            truth.append(result["retention"][m])
-            predicted_product.append(math.prod(pred[(m, o)] for o in members if o != m))
-            measured_product.append(math.prod(meas[(m, o)] for o in members if o != m))
         predicted, oracle = _decision(members, pred, low), _decision(members, meas, None)
         total += 1
         same += (predicted.action, sorted(predicted.routed)) == (oracle.action, sorted(oracle.routed))
@@ -572,7 +591,7 @@ def analyse(quick: bool) -> dict[str, Any]:
     for feature_set in FEATURE_SETS:
         loto = leave_one_task_out(target, feature_set)
         loto_by_set[feature_set] = loto
-        block = {"leave_one_task_out": {part: loto.evaluate(pair_rows(tables[part])) for part in parts}}
+        block = {"leave_one_task_out": {part: loto.evaluate(pair_rows(tables[part])) for part in parts}, "grouping": loto.grouping}
         block["leave_one_task_out"]["per_task"] = {
             task: loto.evaluate([r for r in target if r["task"] == task])["mergeprobe"] for task in sorted({r["task"] for r in target})
         }
@@ -593,14 +612,15 @@ def analyse(quick: bool) -> dict[str, Any]:
 
     # The shipped default: fitted on every target pair row, with the features the callback computes.
     default_rows = [
-        {**features_of(r, "library"), "retention": r["retention"], "task": r["task"], "method": r["method"], "meta": r["meta"]}
+        {**features_of(r, DEFAULT_FEATURE_SET), "retention": r["retention"], "task": r["task"], "method": r["method"], "meta": r["meta"]}
         for r in target
     ]
-    model = _fit(target, "library")
+    model = _fit(target, DEFAULT_FEATURE_SET)
     out["default_model"] = {
         "rows": len(default_rows),
         "features": len(model.feature_names_),
-        "fitted_on": "every task-arithmetic pair row of both parts, library features only",
+        "feature_set": DEFAULT_FEATURE_SET,
+        "fitted_on": f"every task-arithmetic pair row of both parts, features: {DEFAULT_FEATURE_SET}",
     }
     folder = cache_root(quick)
     destination = PACKAGE_DATA if not quick else folder / "package-data"
@@ -610,7 +630,7 @@ def analyse(quick: bool) -> dict[str, Any]:
     table.write_text("".join(json.dumps(_rounded(row), sort_keys=True) + "\n" for row in default_rows))
     out["default_model"]["path"] = _relative(destination / "mergeprobe_default.skops")
     out["default_model"]["table"] = _relative(table)
-    library = evaluation["library"]
+    library = evaluation[DEFAULT_FEATURE_SET]
     write_json(destination / "mergeprobe_default.json", {
         **out["default_model"],
         "produced_by": "python -m benchmarks.mergebench.run --stage fit" + (" --quick" if quick else ""),

@@ -171,7 +171,7 @@ def smollm2_plan() -> PartPlan:
 
 
 # ---------------------------------------------------------------------------- tiny
-TINY_MODEL = dict(hidden_size=128, intermediate_size=320, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+TINY_MODEL = {"hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
 TINY_PRETRAIN_TASKS = ("add3", "pyeval", "reverse_chars", "sort_chars", "first_word", "second_word", "last_word",
                        "license", "stdlib", "lm_licenses", "lm_docs")
 """The tiny model's pretraining mixture (and the texts its reduced vocabulary is built from)."""
@@ -225,9 +225,9 @@ def _random_sets(names: list[str], sizes: dict[int, int], seed: int = 0) -> list
 def tiny_plan(quick: bool = False) -> PartPlan:
     """The tiny-model sweep: pretraining budget, adapters, every pair, random triples and quadruples."""
     if quick:
-        adapters = _tiny_adapters(("first_word", "last_word", "license", "stdlib", "lm_licenses", "lm_docs"), (40,), (1.6e-2,))
+        adapters = _tiny_adapters(("first_word", "last_word", "stdlib", "license", "stdlib", "license"), (120,), (8e-3,))
         sets = _random_sets([a.name for a in adapters], {3: 2})
-        pretrain = {"steps": 120, "batch_size": 16, "lr": 1e-2}
+        pretrain = {"steps": 300, "batch_size": 32, "lr": 3e-3}
         test_size = 32
     else:
         adapters = _tiny_adapters(TINY_TASKS, (60, 120, 200), (4e-3, 8e-3, 1.6e-2))

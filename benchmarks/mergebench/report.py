@@ -71,15 +71,15 @@ def render(analysis: dict[str, Any], timings: dict[str, float], command: str) ->
         "",
         f"Regenerate everything (cached stages are skipped): `{command}`",
         "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()} "
+        (f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()} "
         f"({platform.python_version()}, torch threads as run). Label: `retention_i(S) = score_i(merged S) / score_i(i alone)` "
         f"(ALGORITHMS.md §5); the predictor's target is the retention under **{TARGET_METHOD}** (task arithmetic). "
-        "Members whose adapter did not learn its task (exact match gain < 0.1 over the base, or exp(−loss) ratio < 1.1) get no label.",
+        "Members whose adapter did not learn its task (exact match gain < 0.1 over the base, or exp(−loss) ratio < 1.1) get no label."),
         "",
         "## Compute time",
         "",
-        "Summed from the cached artefacts (each records how long it took), so resumed runs count once; "
-        "measured on 2 CPU cores shared with other jobs, one torch thread per process.",
+        ("Summed from the cached artefacts (each records how long it took), so resumed runs count once; "
+        "measured on 2 CPU cores shared with other jobs, one torch thread per process."),
         "",
         _table(["part", "pretraining s", "adapters s", "adapter steps", "merges scored", "merges skipped (no member learnt)",
                 "merge + score s"],
@@ -101,8 +101,8 @@ def render(analysis: dict[str, Any], timings: dict[str, float], command: str) ->
         out += [_table(["adapter", "task", "r", "lr", "steps", "base score", "adapter alone", *(["alone, float32"] if precision else []),
                         "final train loss", "train s"], rows), ""]
         if precision:
-            out += ["Scores are exact match (share of test answers greedy decoding produces) or exp(−mean answer-token loss) for the "
-                    "domain tasks, on 64 held-out examples, computed in bfloat16; the float32 column is the precision check.", ""]
+            out += [("Scores are exact match (share of test answers greedy decoding produces) or exp(−mean answer-token loss) for the "
+                    "domain tasks, on 64 held-out examples, computed in bfloat16; the float32 column is the precision check."), ""]
         out += [f"Merges run: {info['merges']}; labelled member rows: {info['rows']} from {info['labelled_pairs_and_sets']} labelled pairs and sets.", ""]
         out += [f"### Retention distribution: pairs, {TARGET_METHOD}", "", _histogram(info["retention_target"]), ""]
         out += ["### Retention distribution: every method, pairs and sets", "", _histogram(info["retention_all_methods"]), ""]
@@ -118,6 +118,8 @@ def render(analysis: dict[str, Any], timings: dict[str, float], command: str) ->
 
     for feature_set, block in analysis["evaluation"].items():
         out += [f"## Predictor: features `{feature_set}`", ""]
+        if block.get("grouping") == "run":
+            out += ["Labels cover a single task, so 'leave one task out' below holds out one adapter (and every row involving it) at a time.", ""]
         out += [_table(["evaluation", "predictor", "rows", "Spearman ρ", "MAE"], _predictor_rows(block, parts)), ""]
         rows = [[k, v.get("n"), v.get("spearman"), v.get("mae")] for k, v in block["leave_one_task_out"]["per_task"].items()]
         out += ["Per held-out task (leave one task out, both parts):", "", _table(["task", "rows", "ρ", "MAE"], rows), ""]
@@ -141,13 +143,14 @@ def render(analysis: dict[str, Any], timings: dict[str, float], command: str) ->
                 out += [_table(header, _policy_rows(sets["policy"])), ""]
         sweep = block.get("threshold_sweep_loto") or []
         if sweep:
-            best = max(sweep, key=lambda g: (g["mean_min_retention"] or 0) - 0.1 * (g["routed_share"] or 0))
-            out += ["Decision thresholds on the benchmark (all pairs, leave-one-task-out predictions; route counted as retention 1 "
-                    "with an ideal router, so the routed share is the price):", "",
+            best = max(sweep, key=lambda g: (g["agreement"] or 0, -(g["routed_share"] or 0)))
+            out += [("Decision thresholds on the benchmark (all pairs, leave-one-task-out predictions; route counted as retention 1 "
+                    "with an ideal router, so the routed share is the price):"), "",
                     _table(["τ_merge", "τ_reweight", "agreement", "mean retention", "mean pair min", "worst", "routed share"],
                            [[g["tau_merge"], g["tau_reweight"], g["agreement"], g["mean_retention"], g["mean_min_retention"],
                              g["worst_retention"], g["routed_share"]] for g in sweep]), "",
-                    f"Best mean pair-min retention less 0.1 × routed share: τ_merge {best['tau_merge']}, τ_reweight {best['tau_reweight']}.", ""]
+                    (f"Highest agreement with the oracle (ties: fewer routed): τ_merge {best['tau_merge']}, τ_reweight {best['tau_reweight']}. "
+                    "Retention alone cannot pick thresholds here: routing counts as retention 1, so stricter thresholds always look better."), ""]
         stops = dict(block["early_stopping_loto"])
         if "early_stopping_across_scale" in block:
             stops["smollm2 (tiny → SmolLM2)"] = block["early_stopping_across_scale"]
@@ -158,8 +161,8 @@ def render(analysis: dict[str, Any], timings: dict[str, float], command: str) ->
 
     default = analysis["default_model"]
     out += ["## Shipped default predictor", "",
-            f"`{default['path']}` — fitted on {default['rows']} rows ({default['fitted_on']}), {default['features']} features; "
-            f"the table it was fitted on is `{default['table']}`.", ""]
+            (f"`{default['path']}` — fitted on {default['rows']} rows ({default['fitted_on']}), {default['features']} features; "
+            f"the table it was fitted on is `{default['table']}`."), ""]
     out += ["## Methods", "", _table(["label", "method", "parameters"], [[k, m, p] for k, (m, p) in METHODS.items()]), ""]
     return "\n".join(out) + "\n"
 

@@ -5,17 +5,13 @@ of the two runs ended its window (:meth:`ProbeStore.pair_features`; the library'
 pairwise features are symmetric, so either orientation is the pair's). Those are what
 the callback computes at inference time, so the shipped predictor is fitted on them.
 
-The library's features cannot tell the two members of a pair apart, yet their
-retentions differ (the first try kept 90 % of one adapter and 0 % of the other). So the
-benchmark adds *member* features, oriented towards ``i`` and computed from the same
-stored signals (prefix ``member.`` / ``partner.``):
-
-- ``member.cross_disturbance.mean|max``, ``member.cross_relative_change.mean|max``: on
-  ``i``'s own probe batch, the task-arithmetic merge of the window updates versus ``i``'s
-  update alone (the per-batch halves of the library's pooled cross-disturbance);
-  ``partner.…`` the same on ``j``'s batch;
-- ``member.log_norm_ratio``: ``log ‖ΔW_i‖ / ‖ΔW_j‖`` over all modules (signed);
-- ``member.self_disturbance.mean``, ``member.self_relative_change.mean`` (``i``'s own).
+The symmetric pair features cannot tell the two members of a pair apart, yet their
+retentions differ (the first try kept 90 % of one adapter and 0 % of the other). Each row
+therefore adds the library's oriented features of the labelled member
+(:func:`mergeprobe.features.member_features`, prefixes ``member.`` / ``partner.``) — the
+callback computes and stores the same ones for both orientations of every pair — from
+the per-batch cross-disturbance cached here per pair (stores written before the callback
+stored oriented features lack them, so they are recomputed from the stored signals).
 
 For a set ``S``: the library's :func:`~mergeprobe.features.set_features` (pairwise features
 aggregated, plus the set's cross-disturbance) and the member features above against the
@@ -24,7 +20,6 @@ merge of all of ``S``.
 
 from __future__ import annotations
 
-import math
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -34,22 +29,12 @@ from tqdm.auto import tqdm
 
 from benchmarks.mergebench.common import read_json, write_json
 from benchmarks.mergebench.plan import PartPlan
-from mergeprobe.core import frobenius_norm
-from mergeprobe.features import cross_disturbance, set_cross_disturbance, set_features
-
-MEMBER_PREFIXES = ("member.", "partner.")
-
-
-def _norm(signals: Any) -> float:
-    return math.sqrt(sum(float(frobenius_norm(f)) ** 2 for f in signals.update.values()))
-
-
-def _mean(t: torch.Tensor) -> float:
-    return float(t.to(torch.float64).mean()) if t.numel() else 0.0
-
-
-def _max(t: torch.Tensor) -> float:
-    return float(t.to(torch.float64).max()) if t.numel() else 0.0
+from mergeprobe.features import (
+    cross_disturbance,
+    member_features,
+    set_cross_disturbance,
+    set_features,
+)
 
 
 class RowBuilder:
@@ -61,19 +46,12 @@ class RowBuilder:
         self.store = store
         self.folder = folder
         self._signals: dict[str, Any] = {}
-        self._norms: dict[str, float] = {}
         self.spec = {a.name: a for a in plan.adapters}
 
     def signals(self, name: str) -> Any:
         if name not in self._signals:
             self._signals[name] = self.store.load_signals(name)
         return self._signals[name]
-
-    def norm(self, name: str) -> float:
-        """``‖ΔW‖_F`` of run ``name``'s window update over all modules (cached)."""
-        if name not in self._norms:
-            self._norms[name] = _norm(self.signals(name))
-        return self._norms[name]
 
     def library_pair(self, a: str, b: str) -> dict[str, float]:
         """The pair's features as the probe stored them (either orientation), else computed now."""
@@ -102,23 +80,9 @@ class RowBuilder:
         return cached
 
     def member_features(self, member: str, others: list[str], cross: dict[str, dict[str, list[float]]]) -> dict[str, float]:
-        """The oriented features of ``member`` against ``others`` (see the module docstring)."""
-        own = self.signals(member)
-        out = {
-            "member.cross_disturbance.mean": _mean(torch.tensor(cross[member]["disturbance"])),
-            "member.cross_disturbance.max": _max(torch.tensor(cross[member]["disturbance"])),
-            "member.cross_relative_change.mean": _mean(torch.tensor(cross[member]["relative_change"])),
-            "member.cross_relative_change.max": _max(torch.tensor(cross[member]["relative_change"])),
-            "member.self_disturbance.mean": _mean(own.disturbance),
-            "member.self_relative_change.mean": _mean(own.relative_change),
-        }
-        partner_norm = sum(self.norm(o) for o in others) / len(others)
-        out["member.log_norm_ratio"] = math.log((self.norm(member) + 1e-12) / (partner_norm + 1e-12))
-        partners = [o for o in others if o in cross]
-        if partners:
-            out["partner.cross_disturbance.mean"] = sum(_mean(torch.tensor(cross[o]["disturbance"])) for o in partners) / len(partners)
-            out["partner.cross_relative_change.mean"] = sum(_mean(torch.tensor(cross[o]["relative_change"])) for o in partners) / len(partners)
-        return out
+        """The library's oriented features of ``member`` against ``others`` (:func:`mergeprobe.features.member_features`)."""
+        tensors = {f"{kind}.{name}": torch.tensor(values[kind]) for name, values in cross.items() for kind in ("disturbance", "relative_change")}
+        return member_features(self.signals(member), [self.signals(o) for o in others], tensors, (member, others))
 
     def set_library(self, members: tuple[str, ...]) -> tuple[dict[str, float], dict[str, dict[str, list[float]]]]:
         """Library set features and per-member cross-disturbance of the set (cached per set)."""

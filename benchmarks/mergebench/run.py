@@ -35,7 +35,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from benchmarks.mergebench.common import cache_root, part_dir, read_json, set_threads, write_json
+from benchmarks.mergebench.common import (
+    cache_root,
+    part_dir,
+    read_json,
+    set_threads,
+    write_json,
+)
 from benchmarks.mergebench.plan import PartPlan, plan
 
 STAGES = ("train", "merge", "fit", "report")
