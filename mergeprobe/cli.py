@@ -326,9 +326,6 @@ def _first_line(doc: str | None) -> str:
     return inspect.cleandoc(doc).splitlines()[0].replace("``", "") if doc else ""
 
 
-if __name__ == "__main__":
-    app()
-
 
 def _load_predictor_option(predictor: str | None) -> Any:
     """``None``/"default" → the shipped MergeProbe (or None if absent); a path → that model; "none" → no predictor."""
@@ -469,3 +466,7 @@ def demo(
     if steps is not None:
         config.steps = steps
     run_demo(config, stdout_console())
+
+
+if __name__ == "__main__":
+    app()

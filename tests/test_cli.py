@@ -227,3 +227,13 @@ def test_any_mergeprobe_error_is_one_red_line_and_exit_code_2() -> None:
 def test_other_exceptions_propagate() -> None:
     result = CliRunner().invoke(_app_with(RuntimeError("bug")), ["fail"])
     assert isinstance(result.exception, RuntimeError)
+
+
+def test_python_dash_m_runs_the_same_command_line():
+    import subprocess
+    import sys
+
+    for module in ("mergeprobe", "mergeprobe.cli"):
+        done = subprocess.run([sys.executable, "-m", module, "demo", "--help"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "Example:" in done.stdout and "--quick" in done.stdout
