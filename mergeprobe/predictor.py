@@ -126,23 +126,14 @@ TRUSTED_TYPES: frozenset[str] = frozenset(
 
 # --------------------------------------------------------------------- skops I/O
 def _dump_skops_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``obj`` with skops to ``path`` through a temporary file in the same folder."""
+    """Write ``obj`` with skops to ``path`` atomically (temp file, fsync, rename; readable as the umask allows)."""
     import skops.io as sio
+
+    from mergeprobe.store import _atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            sio.dump(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _atomic_write_bytes(path, sio.dumps(obj))
 
 
 _MAX_SCHEMA_BYTES = 64 * 1024 * 1024

@@ -8,8 +8,18 @@ import re
 import pytest
 
 import mergeprobe
-from mergeprobe.decision import Decision, DecisionThresholds, decide
+from mergeprobe.decision import Decision, DecisionThresholds
+from mergeprobe.decision import decide as library_decide
 from mergeprobe.errors import MergeError
+
+RULE = DecisionThresholds(tau_merge=0.9, tau_reweight=0.75, conflict_share=0.5)
+"""Thresholds with a reweight band, so that every rule can be exercised (the benchmark-tuned
+defaults close that band: see test_defaults_are_the_thresholds_tuned_on_the_benchmark)."""
+
+
+def decide(*args, **kwargs):
+    kwargs.setdefault("thresholds", RULE)
+    return library_decide(*args, **kwargs)
 
 
 def pairs(runs, value=0.95, **overrides):
@@ -131,6 +141,18 @@ def test_invalid_inputs_are_named():
         decide(["a", "a"], {})
 
 
+def test_defaults_are_the_thresholds_tuned_on_the_benchmark():
+    from pathlib import Path
+
+    provenance = json.loads((Path(mergeprobe.__file__).parent / "data" / "mergeprobe_default.json").read_text())
+    tuned = provenance["tuned_thresholds"]
+    defaults = DecisionThresholds()
+    assert (defaults.tau_merge, defaults.tau_reweight) == (tuned["tau_merge"], tuned["tau_reweight"])
+    runs = ["a", "b"]
+    assert library_decide(runs, pairs(runs, 0.79)).action == "route"
+    assert library_decide(runs, pairs(runs, 0.81)).action == "merge"
+
+
 def test_to_dict_is_json_safe():
     d = decide(["a", "b"], pairs(["a", "b"], 0.8), lower=pairs(["a", "b"], 0.7))
     payload = json.loads(json.dumps(d.to_dict()))
@@ -140,5 +162,5 @@ def test_to_dict_is_json_safe():
 
 
 def test_reexported():
-    assert mergeprobe.decide is decide and mergeprobe.Decision is Decision
+    assert mergeprobe.decide is library_decide and mergeprobe.Decision is Decision
     assert mergeprobe.DecisionThresholds is DecisionThresholds

@@ -194,16 +194,52 @@ def test_pickle_renamed_to_skops_is_refused(fitted, tmp_path):
         MergeProbe.load(tmp_path / "absent.skops")
 
 
-def test_default_model_is_not_shipped(monkeypatch, tmp_path):
+def test_a_build_without_the_default_model_says_how_to_fit_one(monkeypatch, tmp_path):
     monkeypatch.setattr(predictor_module, "_default_model_path", lambda: tmp_path / "mergeprobe_default.skops")
     with pytest.raises(PredictorError, match="not shipped") as err:
         MergeProbe.default()
     assert "mergeprobe fit" in str(err.value)
 
 
-def test_data_folder_ships_no_model():
-    data = Path(predictor_module.__file__).parent / "data"
-    assert not list(data.glob("*.skops")), "no default model may be shipped before the benchmark table exists"
+DATA = Path(predictor_module.__file__).parent / "data"
+
+
+def test_shipped_default_loads_through_skops_trusted_types_without_pickle(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the shipped predictor must not be unpickled")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    probe = MergeProbe.default()
+    assert isinstance(probe, MergeProbe)
+    untrusted = sio.get_untrusted_types(file=DATA / "mergeprobe_default.skops")
+    assert set(untrusted) <= set(predictor_module.TRUSTED_TYPES)
+
+
+def test_shipped_default_is_the_model_of_the_shipped_table():
+    """The table, provenance and model agree: refitting on the table reproduces the shipped predictions."""
+    probe = MergeProbe.default()
+    provenance = json.loads((DATA / "mergeprobe_default.json").read_text())
+    assert provenance["feature_names"] == list(probe.feature_names_)
+    rows = read_table(DATA / "mergebench_table.jsonl")
+    assert len(rows) == provenance["rows"] >= 300
+    assert {r["meta"]["part"] for r in rows} == {"tiny", "smollm2"}
+    refit = fit_from_table(rows, **provenance["params"])
+    sample = [{k: v for k, v in r.items() if k not in ("retention", "task", "method", "meta")} for r in rows[::25]]
+    np.testing.assert_allclose(refit.predict_retention(sample), probe.predict_retention(sample), atol=1e-6)
+    predicted = probe.predict_retention(sample)
+    assert np.isfinite(predicted).all() and (predicted >= 0).all()
+
+
+def test_shipped_default_reads_exactly_the_features_the_callback_computes():
+    from mergeprobe.features import cross_disturbance, oriented_pairwise_features
+    from tests.test_features import _signals
+    from tests.conftest import build_tiny_llama
+
+    a, b = _signals(1), _signals(2, batch_seed=5)
+    computed = oriented_pairwise_features(a, b, cross_disturbance(build_tiny_llama(), a, b))
+    assert set(computed) == set(MergeProbe.default().feature_names_)
 
 
 # ------------------------------------------------------------------ tables

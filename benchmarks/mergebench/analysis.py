@@ -11,8 +11,10 @@ Evaluations
   rows that do not involve ``T`` at all (neither member nor partner, on either scale)
   and predicts every row whose member is on ``T``.
 - **Across scale**: fitted on the tiny sweep, tested on the SmolLM2 pairs.
-- **Feature sets**: ``library`` (what the callback computes: symmetric in the pair) and
-  ``library+member`` (plus the benchmark's oriented member features).
+- **Feature sets**: ``symmetric`` (the pair's features, the same for both members) and
+  ``oriented`` (plus the member features of :func:`mergeprobe.features.member_features`,
+  which tell the two members apart). The callback computes and stores both; the shipped
+  default uses ``oriented``.
 - **Baselines**: the training mean; the update cosine alone (isotonic regression of
   ``update_alignment.mean``).
 - **Decision agreement**: ``decide()`` on the predicted pairwise retention (with the lower
@@ -43,12 +45,14 @@ from benchmarks.mergebench.plan import DOMAIN_TASKS, TARGET_METHOD, plan
 from mergeprobe.decision import decide
 from mergeprobe.features import MEMBER_PREFIXES
 
-FEATURE_SETS = ("library", "library+member")
-DEFAULT_FEATURE_SET = "library"
-"""The shipped default uses only the features the callback computes at inference time. The
-benchmark's member features (``member.*``, ``partner.*``) predict far better, but until
-:func:`mergeprobe.features.pairwise_features` produces them a model fitted on them would see
-them missing in every real prediction."""
+FEATURE_SETS = ("symmetric", "oriented")
+DEFAULT_FEATURE_SET = "oriented"
+"""The shipped default reads every feature the callback stores for an ordered pair."""
+ROUTE_COST = 0.25
+"""The price of routing a pair, in retention: a routed pair keeps both adapters and needs a
+router at serving time. Thresholds are tuned to maximise mean pair-min retention less
+``ROUTE_COST`` × routed share (routing itself counted as retention 1, an ideal router),
+so a merge is preferred whenever it keeps at least about 1 − ``ROUTE_COST`` of each member."""
 COSINE = "update_alignment.mean"
 HIST_EDGES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, math.inf]
 POLICY_METHODS = ("linear", "ties", "dare_ties", "tsvm", "pico_linear", "tada")
@@ -74,7 +78,7 @@ def features_of(row: dict[str, Any], feature_set: str) -> dict[str, float]:
     for key, value in row.items():
         if key in ("retention", "task", "group", "method", "meta") or not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
-        if feature_set == "library" and key.startswith(MEMBER_PREFIXES):
+        if feature_set == "symmetric" and key.startswith(MEMBER_PREFIXES):
             continue
         out[key] = float(value)
     return out
@@ -313,8 +317,8 @@ def threshold_sweep(rows: list[dict[str, Any]], results: dict[str, dict[str, Any
         if all(k in predictions.mean for k in keys.values()) and all(v is not None for v in measured.values()):
             pairs.append((a, b, members, keys, measured))
     grid = []
-    for tau_merge in (0.8, 0.85, 0.9, 0.95):
-        for tau_reweight in (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9):
+    for tau_merge in (0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95):
+        for tau_reweight in (0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9):
             if tau_reweight > tau_merge:
                 continue
             thresholds = DecisionThresholds(tau_merge=tau_merge, tau_reweight=tau_reweight)
@@ -332,8 +336,24 @@ def threshold_sweep(rows: list[dict[str, Any]], results: dict[str, dict[str, Any
                     values.append(list(measured[ACTION_METHOD[decision.action]].values()))
             summary = _summary(values, routed, len(pairs))
             grid.append({"tau_merge": tau_merge, "tau_reweight": tau_reweight, "agreement": agree / len(pairs) if pairs else None,
-                         **{k: summary[k] for k in ("mean_retention", "mean_min_retention", "worst_retention", "routed_share")}})
+                         **{k: summary[k] for k in ("mean_retention", "mean_min_retention", "worst_retention", "routed_share")},
+                         "utility": (summary["mean_min_retention"] or 0.0) - ROUTE_COST * (summary["routed_share"] or 0.0)})
     return grid
+
+
+UTILITY_TOLERANCE = 0.01
+"""Thresholds within this much utility of the best count as equally good; the one that
+routes least among them is chosen (merging is preferred unless routing is clearly better)."""
+
+
+def best_thresholds(grid: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The grid point that routes least among those within ``UTILITY_TOLERANCE`` of the best utility."""
+    if not grid:
+        return None
+    best = max(g["utility"] for g in grid)
+    near = [g for g in grid if g["utility"] >= best - UTILITY_TOLERANCE]
+    chosen = min(near, key=lambda g: (g["routed_share"] or 0.0, -g["utility"], g["tau_merge"], g["tau_reweight"]))
+    return {**chosen, "best_utility": best}
 
 
 def set_evaluation(rows: list[dict[str, Any]], results: dict[str, dict[str, Any]], predictions: Predictions,
@@ -513,6 +533,9 @@ def merger_quality(results: dict[str, dict[str, Any]], part: str, quick: bool) -
         "tada_vs_tada_uniform (ablation: uniform gates)": compare("tada", "tada_uniform", task_domain),
         "tada_vs_tada_keep_conflicts (ablation: no dropping)": compare("tada", "tada_keep_conflicts", task_domain),
         "tada_vs_tada_raw_probe (ablation: unnormalised probe)": compare("tada", "tada_raw_probe", task_domain),
+        "tada_vs_tada_beta_half (ablation: gate temperature β = 1/2)": compare("tada", "tada_beta_half", task_domain),
+        "tada_vs_tada_beta_quarter (ablation: gate temperature β = 1/4)": compare("tada", "tada_beta_quarter", task_domain),
+        "pico_linear_vs_dare_ties (task–domain pairs)": compare("pico_linear", "dare_ties", task_domain),
     }
 
 
@@ -599,6 +622,7 @@ def analyse(quick: bool) -> dict[str, Any]:
         block["policy_loto"] = {part: policy_value(pair_rows(tables[part]), results[part], loto) for part in parts}
         block["sets_loto"] = {part: set_evaluation(tables[part], results[part], loto, truth) for part in parts}
         block["threshold_sweep_loto"] = threshold_sweep(target, {k: v for part in parts for k, v in results[part].items()}, loto)
+        block["best_thresholds"] = best_thresholds(block["threshold_sweep_loto"])
         block["early_stopping_loto"] = {part: early_stopping(part, quick, loto, truth) for part in parts}
         if "smollm2" in parts:
             cross = across_scale(pair_rows(tables["tiny"]), pair_rows(tables["smollm2"]), feature_set)
@@ -615,19 +639,22 @@ def analyse(quick: bool) -> dict[str, Any]:
         {**features_of(r, DEFAULT_FEATURE_SET), "retention": r["retention"], "task": r["task"], "method": r["method"], "meta": r["meta"]}
         for r in target
     ]
-    model = _fit(target, DEFAULT_FEATURE_SET)
+    folder = cache_root(quick)
+    destination = PACKAGE_DATA if not quick else folder / "package-data"
+    destination.mkdir(parents=True, exist_ok=True)
+    table = destination / "mergebench_table.jsonl"
+    table.write_text("".join(json.dumps(_rounded(row), sort_keys=True) + "\n" for row in default_rows))
+    # Fitted from the table exactly as shipped, so `mergeprobe fit <table>` reproduces the shipped model.
+    from mergeprobe.predictor import fit_from_table
+
+    model = fit_from_table(table, random_state=0)
     out["default_model"] = {
         "rows": len(default_rows),
         "features": len(model.feature_names_),
         "feature_set": DEFAULT_FEATURE_SET,
         "fitted_on": f"every task-arithmetic pair row of both parts, features: {DEFAULT_FEATURE_SET}",
     }
-    folder = cache_root(quick)
-    destination = PACKAGE_DATA if not quick else folder / "package-data"
-    destination.mkdir(parents=True, exist_ok=True)
     model.save(destination / "mergeprobe_default.skops")
-    table = destination / "mergebench_table.jsonl"
-    table.write_text("".join(json.dumps(_rounded(row), sort_keys=True) + "\n" for row in default_rows))
     out["default_model"]["path"] = _relative(destination / "mergeprobe_default.skops")
     out["default_model"]["table"] = _relative(table)
     library = evaluation[DEFAULT_FEATURE_SET]
@@ -640,6 +667,8 @@ def analyse(quick: bool) -> dict[str, Any]:
         "params": model.get_params(),
         "leave_one_task_out": {p: library["leave_one_task_out"][p]["mergeprobe"] for p in parts},
         "across_scale": library.get("across_scale", {}).get("mergeprobe"),
+        "tuned_thresholds": library.get("best_thresholds"),
+        "route_cost": ROUTE_COST,
     })
     write_json(folder / "analysis.json", out)
     return out

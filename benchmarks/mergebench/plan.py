@@ -34,6 +34,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "tada_uniform": ("tada", {"gating": "uniform"}),
     "tada_keep_conflicts": ("tada", {"drop_conflicts": False}),
     "tada_raw_probe": ("tada", {"normalize_probe": False}),
+    "tada_beta_half": ("tada", {"beta": 0.5}),
+    "tada_beta_quarter": ("tada", {"beta": 0.25}),
 }
 """Benchmark label → (registered merge method, parameters). Defaults otherwise (density 0.5, λ = 1)."""
 
@@ -43,8 +45,9 @@ methods the decision uses first, so a cut-short run has the important labels).""
 TINY_PAIR_METHODS = ("linear", "pico_linear", "tada", "ties", "dare_ties", "tsvm")
 """Tiny pairs: the predictor's target, the decision's methods and the always-X baselines of the
 policy comparison (KnOTS and Pico over TIES / TSV-M run on the SmolLM2 pairs)."""
-TADA_ABLATIONS = ("tada_uniform", "tada_keep_conflicts", "tada_raw_probe")
-"""TaDA ablations (ALGORITHMS.md §4), run on task–domain pairs only."""
+TADA_ABLATIONS = ("tada_uniform", "tada_keep_conflicts", "tada_raw_probe", "tada_beta_half", "tada_beta_quarter")
+"""TaDA ablations (ALGORITHMS.md §4), run on task–domain pairs only; the gate temperature β
+(default 1) at 1/2 and 1/4 goes from the spec's gates towards uniform gating (β = 0)."""
 SET_METHODS = ("linear", "ties", "dare_ties", "tsvm", "pico_linear", "tada")
 """Sets of three or more are merged with each of these."""
 

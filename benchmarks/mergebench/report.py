@@ -11,6 +11,7 @@ import platform
 import time
 from typing import Any
 
+from benchmarks.mergebench.analysis import ROUTE_COST, UTILITY_TOLERANCE
 from benchmarks.mergebench.common import RESULTS, cache_root, read_json, write_json
 from benchmarks.mergebench.plan import METHODS, TARGET_METHOD
 
@@ -143,14 +144,17 @@ def render(analysis: dict[str, Any], timings: dict[str, float], command: str) ->
                 out += [_table(header, _policy_rows(sets["policy"])), ""]
         sweep = block.get("threshold_sweep_loto") or []
         if sweep:
-            best = max(sweep, key=lambda g: (g["agreement"] or 0, -(g["routed_share"] or 0)))
+            best = block["best_thresholds"]
             out += [("Decision thresholds on the benchmark (all pairs, leave-one-task-out predictions; route counted as retention 1 "
-                    "with an ideal router, so the routed share is the price):"), "",
-                    _table(["τ_merge", "τ_reweight", "agreement", "mean retention", "mean pair min", "worst", "routed share"],
+                    f"with an ideal router, priced at {ROUTE_COST} of retention: utility = mean pair-min retention − {ROUTE_COST} × routed share):"),
+                    "",
+                    _table(["τ_merge", "τ_reweight", "agreement", "mean retention", "mean pair min", "worst", "routed share", "utility"],
                            [[g["tau_merge"], g["tau_reweight"], g["agreement"], g["mean_retention"], g["mean_min_retention"],
-                             g["worst_retention"], g["routed_share"]] for g in sweep]), "",
-                    (f"Highest agreement with the oracle (ties: fewer routed): τ_merge {best['tau_merge']}, τ_reweight {best['tau_reweight']}. "
-                    "Retention alone cannot pick thresholds here: routing counts as retention 1, so stricter thresholds always look better."), ""]
+                             g["worst_retention"], g["routed_share"], g["utility"]] for g in sweep]), "",
+                    (f"Chosen: τ_merge {best['tau_merge']}, τ_reweight {best['tau_reweight']} — the least routing among the thresholds "
+                     f"within {UTILITY_TOLERANCE} of the best utility ({best['best_utility']:.3f}); utility {best['utility']:.3f}, routed share "
+                     f"{best['routed_share']:.3f}, agreement with the oracle at these thresholds {best['agreement']:.3f}. The thresholds are "
+                     "tuned on the same held-out predictions they are reported on, so these rows are slightly optimistic."), ""]
         stops = dict(block["early_stopping_loto"])
         if "early_stopping_across_scale" in block:
             stops["smollm2 (tiny → SmolLM2)"] = block["early_stopping_across_scale"]
