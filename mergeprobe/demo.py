@@ -33,9 +33,12 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 class DemoConfig:
     """What the demo trains. ``quick`` swaps in a tiny Llama built from a config (no real learning)."""
 
-    tasks: tuple[str, ...] = ("reverse", "arithmetic", "sort_letters")
+    # Tasks SmolLM2-135M learns in this budget (see benchmarks/results/mergebench.md); reverse_chars
+    # and sort_chars share their input format and want different outputs: the conflicting pair.
+    tasks: tuple[str, ...] = ("reverse_chars", "sort_chars", "stdlib")
     steps: int = 60
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
+    max_length: int = 48
     rank: int = 8
     batch_size: int = 8
     train_examples: int = 480
@@ -146,7 +149,7 @@ def run_demo(config: DemoConfig | None = None, console: Any = None) -> dict[str,
         )
         callback = MergeProbeCallback(str(store_path), run_name=task.name, predictor=config.predictor, stop_unmergeable=True,
                                       track_every=20)
-        data = TaskDataset(tokenizer, task.examples("train", config.train_examples, seed=config.seed))
+        data = TaskDataset(tokenizer, task.examples("train", config.train_examples, seed=config.seed), max_length=config.max_length)
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback],
                           data_collator=lambda rows: collate(rows, tokenizer.pad_token_id or 0))
         trainer.train()
@@ -163,26 +166,37 @@ def run_demo(config: DemoConfig | None = None, console: Any = None) -> dict[str,
     decision = callbacks[tasks[-1].name].decision
     store = ProbeStore(store_path)
     finished = [name for name in config.tasks if store.load(name).meta.get("status") == "finished"]
+    summary["decision"] = decision.to_dict() if decision is not None else None
+
+    def merge_and_score(members: list[str], method: str, params: dict[str, Any], weights: list[float] | None, where: Path) -> dict[str, Any]:
+        nonlocal base
+        calibration = torch.cat([store.load(m).tensors["probe_input_ids"] for m in members]) if method == "tada" else None
+        merge_adapters([store.load(m).adapter_path for m in members], method=method, weights=weights, out_dir=where,
+                       overwrite=True, base_model=base if method == "tada" else None, calibration=calibration, **params)
+        merged_model = PeftModel.from_pretrained(base, str(where))
+        scores = {m: score(merged_model, tokenizer, get_task(m), test_sets[m]) for m in members}
+        base = merged_model.unload()
+        return {"members": members, "method": method, "adapter": str(where), "scores": scores}
+
     if decision is not None:
         members = [m for m in decision.merge_set if m in finished]
-        method, params = decision.method or "linear", ({"base": decision.base_method} if decision.method == "pico" and decision.base_method else {})
+        method = decision.method or "linear"
+        params = {"base": decision.base_method} if method == "pico" and decision.base_method else {}
         weights = [decision.weights.get(m, 1.0) for m in members]
     else:
         console.print("[yellow]no retention predictor is available: merging every finished adapter with task arithmetic.[/yellow]")
         members, method, params, weights = finished, "linear", {}, None
-    summary["decision"] = decision.to_dict() if decision is not None else None
     if len(members) >= 2:
-        console.rule(f"merging {', '.join(members)} with {method}")
-        calibration = None
-        if method == "tada":
-            calibration = torch.cat([store.load(m).tensors["probe_input_ids"] for m in members])
-        merged_dir = out / "merged-adapter"
-        merge_adapters([store.load(m).adapter_path for m in members], method=method, weights=weights, out_dir=merged_dir,
-                       overwrite=True, base_model=base if method == "tada" else None, calibration=calibration, **params)
-        merged_model = PeftModel.from_pretrained(base, str(merged_dir))
-        merged_scores = {m: score(merged_model, tokenizer, get_task(m), test_sets[m]) for m in members}
-        base = merged_model.unload()
-        summary["merged"] = {"members": members, "method": method, "adapter": str(merged_dir), "scores": merged_scores}
+        console.rule(f"merging {', '.join(members)} with {method}, as decided")
+        summary["merged"] = merge_and_score(members, method, params, weights, out / "merged-adapter")
+    else:
+        console.print(f"[bold]nothing to merge:[/bold] the decision keeps {', '.join(decision.routed) if decision else 'every adapter'} "
+                      "separate (route).")
+    # What ignoring the decision would have cost: task arithmetic of every adapter, measured.
+    everyone = [m for m in config.tasks if store.load(m).adapter_path is not None]
+    if len(everyone) >= 2 and (sorted(everyone) != sorted(members) or method != "linear"):
+        console.rule(f"for comparison: task arithmetic of all {len(everyone)} adapters, ignoring the decision")
+        summary["blind_merge"] = merge_and_score(everyone, "linear", {}, None, out / "blind-merge")
     _print_summary(console, summary, callbacks, out)
     summary["seconds"] = round(time.time() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
@@ -193,19 +207,28 @@ def _print_summary(console: Any, summary: dict[str, Any], callbacks: dict[str, A
     from rich.table import Table
 
     merged = summary.get("merged") or {}
-    table = Table(title="summary")
-    for column in ("adapter", "base", "alone", "merged", "measured retention", "predicted retention", "steps"):
-        table.add_column(column, justify="left" if column == "adapter" else "right")
+    blind = summary.get("blind_merge") or {}
     decision = summary.get("decision") or {}
     predicted = decision.get("member_retention", {}) if decision else {}
+
+    def retention(result: dict[str, Any], name: str, single: float) -> str:
+        value = result.get("scores", {}).get(name)
+        return "—" if value is None or single <= 0 else f"{value / single:.2f}"
+
+    table = Table(title="summary: scores on held-out test sets, retention = merged / alone")
+    columns = ["adapter", "base model", "alone", "predicted retention", f"merged ({merged.get('method', '—')})",
+               "retention", "task arithmetic of all", "retention", "steps"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "adapter" else "right")
     for name, run in summary["runs"].items():
-        merged_score = merged.get("scores", {}).get(name)
-        retention = merged_score / run["single_score"] if merged_score is not None and run["single_score"] > 0 else None
+        single = run["single_score"]
+        merged_score, blind_score = merged.get("scores", {}).get(name), blind.get("scores", {}).get(name)
         table.add_row(
-            name, f"{run['base_score']:.2f}", f"{run['single_score']:.2f}",
-            "—" if merged_score is None else f"{merged_score:.2f}",
-            "—" if retention is None else f"{retention:.2f}",
+            name, f"{run['base_score']:.2f}", f"{single:.2f}",
             f"{predicted[name]:.2f}" if name in predicted else "—",
+            "routed" if name in decision.get("routed", []) else ("—" if merged_score is None else f"{merged_score:.2f}"),
+            retention(merged, name, single),
+            "—" if blind_score is None else f"{blind_score:.2f}", retention(blind, name, single),
             f"{run['steps_trained']}/{run['steps_planned']}" + (" (stopped early)" if run["stopped"] else ""),
         )
     console.print(table)

@@ -14,11 +14,22 @@ def test_quick_demo_runs_to_its_summary(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["runs"]) == ["reverse", "arithmetic", "sort_letters"]
+    assert list(summary["runs"]) == ["reverse_chars", "sort_chars", "stdlib"]
     for run in summary["runs"].values():
         assert 0.0 <= run["single_score"] <= 1.0 and run["steps_trained"] >= 8
-    merged = summary["merged"]
-    assert (out / "merged-adapter" / "adapter_model.safetensors").exists()
-    assert set(merged["scores"]) == set(merged["members"]) and len(merged["members"]) >= 2
+    decision = summary["decision"]
+    assert decision is not None and decision["action"] in ("merge", "reweight", "prune", "route")
+    decided = [m for m in decision["merge_set"] if summary["runs"][m]["stopped"] is None]
+    if len(decided) >= 2:  # the set the decision merges, with the method it picked
+        merged = summary["merged"]
+        assert merged["method"] == decision["method"] and sorted(merged["members"]) == sorted(decided)
+        assert (out / "merged-adapter" / "adapter_model.safetensors").exists()
+        assert set(merged["scores"]) == set(merged["members"])
+    else:
+        assert "merged" not in summary and "nothing to merge" in result.output
+    # the comparison the summary shows: what ignoring the decision would have kept
+    blind = summary["blind_merge"]
+    assert blind["method"] == "linear" and set(blind["scores"]) == set(summary["runs"])
+    assert (out / "blind-merge" / "adapter_model.safetensors").exists()
     assert any((out / "runs").rglob("events.out.tfevents.*"))
     assert "tensorboard --logdir" in result.output and "summary" in result.output

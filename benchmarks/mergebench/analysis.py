@@ -572,10 +572,11 @@ def compute_seconds(quick: bool, part: str, results: dict[str, dict[str, Any]]) 
 
 
 def all_results(quick: bool, part: str) -> dict[str, dict[str, Any]]:
+    """The cached results of the plan's merge jobs (results of jobs no longer planned are left out)."""
     folder = cache_root(quick) / part / "merges"
     out = {}
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        value = read_json(path)
+    for job in plan(part, quick).jobs:
+        value = read_json(folder / f"{job.key}.json")
         if value is not None:
             out[value["key"]] = value
     return out
