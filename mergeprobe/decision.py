@@ -19,13 +19,18 @@ The rule, with ``m`` the smallest ``r_i(S)``:
 1. ``m ≥ τ_merge`` and every lower bound ≥ ``τ_reweight`` → **merge**: Pico-calibrated
    task arithmetic (``method="pico"``, ``base_method="linear"``), all weights 1. A lower
    bound under ``τ_reweight`` turns a merge into a reweight.
-2. ``m ≥ τ_reweight`` → **reweight** (``method="tada"``): weights ``w_i ∝ 1 / r_i(S)``,
-   normalised to mean 1, so the weakest member gets the largest weight (TaDA's
-   per-module gates apply on top of these per-adapter weights).
+2. ``m ≥ τ_reweight`` → **reweight**: Pico-calibrated task arithmetic with per-adapter
+   weights ``w_i ∝ 1 / r_i(S)``, normalised to mean 1, so the weakest member gets the
+   largest weight.
 3. Every failing pair (a pair with a pairwise retention under ``τ_reweight``; the pairs
    of the weakest member if none fails alone) has conflict share ≥ ``conflict_share`` →
-   **prune**: the interference sits in few directions, so drop them and merge
-   (``method="tada"`` for two adapters, ``"ties"`` for more).
+   **prune**: the interference sits in few directions, so trim them and merge
+   (``method="ties"``).
+
+The spec allows TaDA's gates for reweight and its conflict dropping for prune; on the
+project benchmark (``benchmarks/results/mergebench.md``) TaDA kept less than task
+arithmetic, Pico and TIES on the same pairs, so the decision names Pico and TIES. Pass
+the decision's weights to any method you prefer.
 4. Otherwise, set level: remove the weakest member (it is routed), repeatedly while
    that raises the rest's ``m`` and at least two remain. If the rest reaches
    ``τ_reweight`` it is merged or reweighted by rules 1–2 and the removed runs are
@@ -109,7 +114,7 @@ class Decision:
         ``"merge"``, ``"reweight"``, ``"prune"`` (what happens to ``merge_set``) or
         ``"route"`` (nothing is merged).
     method
-        Merge method for ``merge_set`` (``"pico"``, ``"tada"``, ``"ties"``); ``None`` for route.
+        Merge method for ``merge_set`` (``"pico"`` or ``"ties"``); ``None`` for route.
     base_method
         Base merger under Pico (``"linear"``); ``None`` otherwise.
     weights
@@ -225,11 +230,11 @@ def _merge_or_reweight(
         reasons.append(
             f"min predicted retention {_fmt(m)} ({weakest}) ≥ τ_reweight {_fmt(thresholds.tau_reweight)}"
             + (f" but < τ_merge {_fmt(thresholds.tau_merge)}" if m < thresholds.tau_merge else "")
-            + f": reweight (TaDA) with weights ∝ 1/retention to lift {weakest}: "
+            + f": reweight (Pico-calibrated task arithmetic) with weights ∝ 1/retention to lift {weakest}: "
             + ", ".join(f"{run} {_fmt(w)}" for run, w in weights.items())
             + "."
         )
-        return "reweight", "tada", None, weights
+        return "reweight", "pico", "linear", weights
     return None
 
 
@@ -325,14 +330,12 @@ def decide(
         if all(share is not None for share in shares.values()):
             low_pair = min(failing, key=lambda pair: shares[pair])
             if shares[low_pair] >= thresholds.conflict_share:
-                method = "tada" if len(runs) == 2 else "ties"
                 reasons.append(
                     "interference is concentrated: conflict share "
                     + ", ".join(f"{names[p]} {_fmt(shares[p])}" for p in failing)
-                    + f" ≥ {_fmt(thresholds.conflict_share)}: prune the conflicting directions "
-                    + f"({'TaDA dropping' if method == 'tada' else 'TIES trimming'}), then merge."
+                    + f" ≥ {_fmt(thresholds.conflict_share)}: prune the conflicting directions (TIES trimming), then merge."
                 )
-                return build("prune", method, None, {run: 1.0 for run in runs}, runs, [], mean, low, reasons)
+                return build("prune", "ties", None, {run: 1.0 for run in runs}, runs, [], mean, low, reasons)
             reasons.append(
                 f"conflict share of {names[low_pair]} is {_fmt(shares[low_pair])} < {_fmt(thresholds.conflict_share)}: "
                 "interference is spread out, pruning would not remove it."

@@ -42,7 +42,7 @@ def test_merge_when_everyone_keeps_their_skill():
 
 def test_reweight_lifts_the_weakest_member():
     d = decide(["a", "b"], pairs(["a", "b"], a__b=0.95, b__a=0.8))
-    assert (d.action, d.method) == ("reweight", "tada")
+    assert (d.action, d.method, d.base_method) == ("reweight", "pico", "linear")
     assert d.weights["b"] > d.weights["a"]
     assert sum(d.weights.values()) / 2 == pytest.approx(1.0)
     assert d.weights["b"] / d.weights["a"] == pytest.approx(0.95 / 0.8)
@@ -63,7 +63,7 @@ def test_prune_when_interference_is_concentrated():
     runs = ["task", "domain"]
     r = pairs(runs, task__domain=0.6, domain__task=0.9)
     d = decide(runs, r, conflict_share={("domain", "task"): 0.8})
-    assert (d.action, d.method) == ("prune", "tada")
+    assert (d.action, d.method) == ("prune", "ties")
     assert any("0.800" in reason and "0.500" in reason for reason in d.reasons)
     spread = decide(runs, r, conflict_share={("task", "domain"): 0.2})
     assert spread.action == "route"

@@ -57,10 +57,10 @@ COSINE = "update_alignment.mean"
 HIST_EDGES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, math.inf]
 POLICY_METHODS = ("linear", "ties", "dare_ties", "tsvm", "pico_linear", "tada")
 """The always-X policies: the methods run on every pair of both parts."""
-ACTION_METHOD = {"merge": "pico_linear", "reweight": "tada", "prune": "tada"}
-"""The merge each decided action is realised with (pairs): decide() names Pico over task
-arithmetic for merge and TaDA for reweight / pairwise prune."""
-SET_ACTION_METHOD = {"merge": "pico_linear", "reweight": "tada", "prune": "ties"}
+ACTION_METHOD = {"merge": "pico_linear", "reweight": "pico_linear", "prune": "ties"}
+"""The merge each decided action is realised with: decide() names Pico over task arithmetic
+for merge and reweight (the benchmark's Pico merges use equal weights, not the decision's
+1/retention weights) and TIES for prune."""
 
 
 # ------------------------------------------------------------------ tables
@@ -313,7 +313,7 @@ def threshold_sweep(rows: list[dict[str, Any]], results: dict[str, dict[str, Any
     pairs = []
     for (part, a, b), members in _pairs_with_both(rows).items():
         keys = {m: Predictions.key(r) for m, r in members.items()}
-        measured = {m: _measured(results, m, [a, b]) for m in ("pico_linear", "tada")}
+        measured = {m: _measured(results, m, [a, b]) for m in set(ACTION_METHOD.values())}
         if all(k in predictions.mean for k in keys.values()) and all(v is not None for v in measured.values()):
             pairs.append((a, b, members, keys, measured))
     grid = []
@@ -393,7 +393,7 @@ def set_evaluation(rows: list[dict[str, Any]], results: dict[str, dict[str, Any]
             if decision.action == "route":
                 routed[name] += 1
             else:
-                merged = _measured(results, SET_ACTION_METHOD[decision.action] if len(decision.merge_set) > 2 else ACTION_METHOD[decision.action], decision.merge_set)
+                merged = _measured(results, ACTION_METHOD[decision.action], decision.merge_set)
                 if merged is None:
                     realised = None
                     break
