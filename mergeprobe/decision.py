@@ -72,10 +72,11 @@ class DecisionThresholds:
     The defaults are tuned on the project benchmark (MergeBench: real merges of LoRA
     adapters of SmolLM2-135M and of a tiny-model sweep, ``benchmarks/results/mergebench.md``):
     over a grid of thresholds, the policy's utility (mean pair-min retention, routing
-    priced at 0.25 of retention) is flat between 0.75 and 0.9, and 0.8 / 0.8 is the point
-    that routes least within 0.01 of the best. ``tau_reweight = tau_merge`` closes the
-    reweight band: TaDA-reweighted merges kept less than plain ones on that benchmark.
-    Set your own for adapters unlike those.
+    priced at 0.25 of retention) varies by less than 0.01 between 0.75 and 0.9, and 0.75 /
+    0.75 is the point that routes least within 0.01 of the best. Most of that benchmark's
+    pairs lose more than 30 % of a member's skill in any merge, so these thresholds route
+    most pairs; ``tau_reweight = tau_merge`` leaves no reweight band. Set your own for
+    adapters unlike those.
 
     Attributes
     ----------
@@ -87,8 +88,8 @@ class DecisionThresholds:
         Conflict share from which interference counts as concentrated (prunable).
     """
 
-    tau_merge: float = 0.8
-    tau_reweight: float = 0.8
+    tau_merge: float = 0.75
+    tau_reweight: float = 0.75
     conflict_share: float = 0.5
 
     def __post_init__(self) -> None:

@@ -149,8 +149,9 @@ def test_defaults_are_the_thresholds_tuned_on_the_benchmark():
     defaults = DecisionThresholds()
     assert (defaults.tau_merge, defaults.tau_reweight) == (tuned["tau_merge"], tuned["tau_reweight"])
     runs = ["a", "b"]
-    assert library_decide(runs, pairs(runs, 0.79)).action == "route"
-    assert library_decide(runs, pairs(runs, 0.81)).action == "merge"
+    below, above = tuned["tau_merge"] - 0.01, tuned["tau_merge"] + 0.01
+    assert library_decide(runs, pairs(runs, below)).action == "route"
+    assert library_decide(runs, pairs(runs, above)).action == "merge"
 
 
 def test_to_dict_is_json_safe():
