@@ -86,15 +86,17 @@ def _load(config: DemoConfig) -> tuple[Any, Any]:
 
 
 def _retention_table(console: Any, run: str, callback: Any) -> None:
+    from rich import box
     from rich.table import Table
 
     comparisons = callback._probe.comparisons if callback._probe else {}
     if not comparisons:
         console.print(f"[dim]{run}: first run in the store, nothing to compare yet.[/dim]")
         return
-    table = Table(title=f"after {run}'s probe window (step {callback.window_end})")
-    for column in ("pair", "update align.", "gradient align.", "cross-disturbance", "predicted retention"):
-        table.add_column(column, justify="right" if column != "pair" else "left")
+    table = Table(title=f"after {run}'s probe window (step {callback.window_end})", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption=f"predicted: {run}'s retention merged with the other, mean (≥ lower bound)")
+    for column in ("pair", "update cos", "gradient cos", "cross-disturb.", "predicted"):
+        table.add_column(column, justify="right" if column != "pair" else "left", no_wrap=True)
     for other, comparison in comparisons.items():
         f = comparison.features
         predicted = "—" if comparison.predicted_retention is None else f"{comparison.predicted_retention:.2f} (≥{comparison.predicted_lower:.2f})"
@@ -204,6 +206,7 @@ def run_demo(config: DemoConfig | None = None, console: Any = None) -> dict[str,
 
 
 def _print_summary(console: Any, summary: dict[str, Any], callbacks: dict[str, Any], out: Path) -> None:
+    from rich import box
     from rich.table import Table
 
     merged = summary.get("merged") or {}
@@ -211,25 +214,24 @@ def _print_summary(console: Any, summary: dict[str, Any], callbacks: dict[str, A
     decision = summary.get("decision") or {}
     predicted = decision.get("member_retention", {}) if decision else {}
 
-    def retention(result: dict[str, Any], name: str, single: float) -> str:
+    def cell(result: dict[str, Any], name: str, single: float) -> str:
         value = result.get("scores", {}).get(name)
-        return "—" if value is None or single <= 0 else f"{value / single:.2f}"
+        if value is None:
+            return "—"
+        return f"{value:.2f} ({value / single:.2f})" if single > 0 else f"{value:.2f}"
 
-    table = Table(title="summary: scores on held-out test sets, retention = merged / alone")
-    columns = ["adapter", "base model", "alone", "predicted retention", f"merged ({merged.get('method', '—')})",
-               "retention", "task arithmetic of all", "retention", "steps"]
-    for column in columns:
-        table.add_column(column, justify="left" if column == "adapter" else "right")
+    table = Table(title="summary: held-out scores (retention = merged / alone)", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="decided: the merge the decision made; TA all: task arithmetic of every adapter, ignoring the decision; stop: stopped early")
+    for column in ("adapter", "base → alone", "predicted", "decided", "TA all", "steps"):
+        table.add_column(column, justify="left" if column == "adapter" else "right", no_wrap=True)
     for name, run in summary["runs"].items():
         single = run["single_score"]
-        merged_score, blind_score = merged.get("scores", {}).get(name), blind.get("scores", {}).get(name)
         table.add_row(
-            name, f"{run['base_score']:.2f}", f"{single:.2f}",
+            name, f"{run['base_score']:.2f} → {single:.2f}",
             f"{predicted[name]:.2f}" if name in predicted else "—",
-            "routed" if name in decision.get("routed", []) else ("—" if merged_score is None else f"{merged_score:.2f}"),
-            retention(merged, name, single),
-            "—" if blind_score is None else f"{blind_score:.2f}", retention(blind, name, single),
-            f"{run['steps_trained']}/{run['steps_planned']}" + (" (stopped early)" if run["stopped"] else ""),
+            "routed" if name in decision.get("routed", []) else cell(merged, name, single),
+            cell(blind, name, single),
+            f"{run['steps_trained']}/{run['steps_planned']}" + (" stop" if run["stopped"] else ""),
         )
     console.print(table)
     if decision:
