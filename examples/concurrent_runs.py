@@ -52,7 +52,11 @@ def train_one(task_name: str, model_name: str, out: Path, quick: bool) -> None:
     base, tokenizer = load_model(model_name, quick)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
     task = get_task(task_name)
-    callback = MergeProbeCallback(str(out / "probe-store"), run_name=task_name, merge_on_end="ties", expected_runs=TASKS)
+    # predictor=None: merge every finished run when the last one ends. With the shipped predictor
+    # (the default), merge_on_end merges only the set the decision keeps together, and these short
+    # runs on unrelated tasks would be routed, leaving nothing to merge.
+    callback = MergeProbeCallback(str(out / "probe-store"), run_name=task_name, merge_on_end="ties", expected_runs=TASKS,
+                                  predictor=None)
     trainer = Trainer(
         model=model,
         args=TrainingArguments(

@@ -77,7 +77,7 @@ def main() -> None:
     store = ProbeStore(out / "probe-store")
     print(f"runs in the store: {', '.join(store.runs())}")
     print(f"{'pair':<28}" + "".join(f"{name:>26}" for name in SHOWN))
-    for a, b in store.pairs():  # each ordered pair (a, b) was written by a's probe
+    for a, b in store.pairs():  # both orientations of a pair, written by the later run's probe (features of a's retention)
         features = store.pair_features(a, b)
         print(f"{a + ' + ' + b:<28}" + "".join(f"{features[name]:>26.4f}" for name in SHOWN))
 
