@@ -58,7 +58,15 @@ FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @dataclass
 class LoraModule:
-    """One LoRA module: ``ΔW = scaling · B @ A``."""
+    """One LoRA module: ``ΔW = scaling · B @ A``.
+
+    Example
+    -------
+    >>> import torch
+    >>> m = LoraModule(A=torch.ones(2, 5), B=torch.ones(4, 2), scaling=0.5)
+    >>> m.rank, m.folded()[0].shape
+    (2, torch.Size([4, 2]))
+    """
 
     A: Tensor
     B: Tensor
@@ -86,6 +94,13 @@ class LoraAdapter:
 
     Module keys are the PEFT state-dict prefixes without ``.lora_A.weight``, e.g.
     ``base_model.model.model.layers.0.self_attn.q_proj``.
+
+    Example
+    -------
+    >>> adapter = load_adapter("runs/math")  # a PEFT adapter directory  # doctest: +SKIP
+    >>> module = adapter.modules["base_model.model.model.layers.0.self_attn.q_proj"]  # doctest: +SKIP
+    >>> module.rank, adapter.base_model  # doctest: +SKIP
+    (8, 'HuggingFaceTB/SmolLM2-135M-Instruct')
     """
 
     modules: dict[str, LoraModule]

@@ -117,6 +117,15 @@ def svd_of_update(update: Factors) -> tuple[Tensor, Tensor, Tensor]:
 class CoreSpace:
     """The shared bases and per-update cores of several low-rank updates of one module.
 
+    Example
+    -------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> ups = [(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)) for _ in range(2)]
+    >>> space = CoreSpace.from_factors(ups)
+    >>> space.ranks, tuple(space.cores[0].shape)
+    ((2, 2), (4, 4))
+
     Attributes
     ----------
     q_b:

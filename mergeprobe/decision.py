@@ -78,6 +78,13 @@ class DecisionThresholds:
     most pairs; ``tau_reweight = tau_merge`` leaves no reweight band. Set your own for
     adapters unlike those.
 
+    Example
+    -------
+    >>> DecisionThresholds()
+    DecisionThresholds(tau_merge=0.75, tau_reweight=0.75, conflict_share=0.5)
+    >>> DecisionThresholds(tau_merge=0.9, tau_reweight=0.6).tau_reweight
+    0.6
+
     Attributes
     ----------
     tau_merge
@@ -108,6 +115,12 @@ class DecisionThresholds:
 @dataclass
 class Decision:
     """What to do with a set of adapters, and why.
+
+    Example
+    -------
+    >>> d = decide(["math", "code"], {("math", "code"): 0.95, ("code", "math"): 0.6})
+    >>> d.action, d.routed, d.predicted_min_retention
+    ('route', ['math', 'code'], 0.6)
 
     Attributes
     ----------
@@ -273,8 +286,10 @@ def decide(
 
     Examples
     --------
-    >>> r = {("a", "b"): 0.8, ("b", "a"): 0.95}
+    >>> r = {("a", "b"): 0.6, ("b", "a"): 0.95}
     >>> decide(["a", "b"], r).action
+    'route'
+    >>> decide(["a", "b"], r, thresholds=DecisionThresholds(tau_merge=0.9, tau_reweight=0.5)).action
     'reweight'
     """
     runs = list(runs)

@@ -17,7 +17,19 @@ from __future__ import annotations
 
 
 class MergeProbeError(Exception):
-    """Base class of every error mergeprobe raises on purpose."""
+    """Base class of every error mergeprobe raises on purpose; each subclass is also a
+    ``ValueError``, ``OSError`` … where that is what it is, and its message names the
+    input and the fix.
+
+    Example
+    -------
+    >>> import mergeprobe
+    >>> try:
+    ...     mergeprobe.merge_adapters(["only-one"], method="linear")
+    ... except mergeprobe.MergeProbeError as err:
+    ...     print(type(err).__name__)
+    MergeError
+    """
 
 
 class AdapterError(MergeProbeError, ValueError):

@@ -141,6 +141,12 @@ class Router:
 
     Build one with :meth:`fit` or :meth:`load`.
 
+    Example
+    -------
+    >>> router = Router.fit(base_model, {"math": (math_ids, None), "code": (code_ids, None)})  # doctest: +SKIP
+    >>> router.predict(base_model, batch["input_ids"], batch["attention_mask"])  # doctest: +SKIP
+    ['math', 'code', 'code']
+
     Parameters
     ----------
     classifier
@@ -281,6 +287,13 @@ class RoutedModel(torch.nn.Module):
         A ``PeftModel`` holding every adapter the router names (``load_adapter`` each).
     router
         A fitted :class:`Router`.
+
+    Example
+    -------
+    >>> peft_model = PeftModel.from_pretrained(base_model, "runs/math", adapter_name="math")  # doctest: +SKIP
+    >>> peft_model.load_adapter("runs/code", adapter_name="code")  # doctest: +SKIP
+    >>> routed = RoutedModel(peft_model, router)  # doctest: +SKIP
+    >>> logits = routed(input_ids=ids, attention_mask=mask).logits  # each row with its own adapter  # doctest: +SKIP
     """
 
     def __init__(self, peft_model: torch.nn.Module, router: Router) -> None:

@@ -39,6 +39,13 @@ REPORT_NAME = "mergeprobe_merge.json"
 class MergeResult:
     """A merged adapter: factors per module (scaling 1) plus what the method reported.
 
+    Example
+    -------
+    >>> result = merge_adapters(["runs/math", "runs/code"], method="pico", base="ties")  # doctest: +SKIP
+    >>> result.save("merged")  # a PEFT adapter directory  # doctest: +SKIP
+    >>> result.global_diagnostics["energy_kept"]  # doctest: +SKIP
+    0.97
+
     Attributes
     ----------
     modules:

@@ -35,7 +35,11 @@ def _load_builtin_methods() -> None:
 
 
 def available_methods() -> list[str]:
-    """Names of every registered merge method."""
+    """Names of every registered merge method.
+
+    >>> "pico" in available_methods() and "tada" in available_methods()
+    True
+    """
     _load_builtin_methods()
     return sorted(_METHODS)
 
