@@ -80,8 +80,8 @@ from mergeprobe.core import (
 )
 from mergeprobe.signals import (
     RunSignals,
-    apply_updates,
-    hidden_states,
+    frozen_base,
+    hidden_states_with_updates,
     representation_disturbance,
 )
 
@@ -474,21 +474,20 @@ def _merge_disturbance(
     merged = _summed_updates([m.update for m in members])
     out: dict[str, Any] = {}
     disturbances, relatives = [], []
-    for label, member in zip(labels, members):
-        ids, mask = member.probe_input_ids, member.probe_attention_mask
-        own = own_states.get(id(member)) if own_states is not None else None
-        if own is None:
-            with apply_updates(model, member.update):
-                own = hidden_states(model, ids, mask, adapter_enabled=False, batch_size=batch_size)
-            if own_states is not None:
-                own_states[id(member)] = own
-        with apply_updates(model, merged):
-            together = hidden_states(model, ids, mask, adapter_enabled=False, batch_size=batch_size)
-        rep = representation_disturbance(own, together)
-        out[f"disturbance.{label}"] = rep["disturbance"]
-        out[f"relative_change.{label}"] = rep["relative_change"]
-        disturbances.append(rep["disturbance"])
-        relatives.append(rep["relative_change"])
+    with frozen_base(model):  # one switch of mode and adapter for all the passes
+        for label, member in zip(labels, members):
+            ids, mask = member.probe_input_ids, member.probe_attention_mask
+            own = own_states.get(id(member)) if own_states is not None else None
+            if own is None:
+                own = hidden_states_with_updates(model, member.update, ids, mask, batch_size=batch_size)
+                if own_states is not None:
+                    own_states[id(member)] = own
+            together = hidden_states_with_updates(model, merged, ids, mask, batch_size=batch_size)
+            rep = representation_disturbance(own, together)
+            out[f"disturbance.{label}"] = rep["disturbance"]
+            out[f"relative_change.{label}"] = rep["relative_change"]
+            disturbances.append(rep["disturbance"])
+            relatives.append(rep["relative_change"])
     for name, parts in (("cross_disturbance", disturbances), ("cross_relative_change", relatives)):
         values = torch.cat(parts).to(torch.float64)
         out[f"{name}.mean"] = _finite(float(values.mean())) if values.numel() else 0.0
@@ -508,15 +507,19 @@ def cross_disturbance(
     On ``a``'s probe batch, the hidden states of the base model plus the task-arithmetic
     merge ``ΔW_a + ΔW_b`` of the two window updates are compared with those of the base
     model plus ``ΔW_a`` alone (``1 − CKA`` and relative change, per layer); the same on
-    ``b``'s batch with ``ΔW_b``. The updates are applied with
-    :func:`~mergeprobe.signals.apply_updates` with the model's own adapter disabled, so
-    ``model`` may be the ``PeftModel`` of either run or the bare base model. For LoRA
-    initialised with ``B = 0`` the window update equals the window-end ``ΔW``.
+    ``b``'s batch with ``ΔW_b``. The states are
+    :func:`~mergeprobe.signals.hidden_states_with_updates` (the model's own adapter
+    disabled, the updates added by hooks), so ``model`` may be the ``PeftModel`` of
+    either run or the bare base model. For LoRA initialised with ``B = 0`` the window
+    update equals the window-end ``ΔW``.
 
     ``own_states`` is a cache of each run's own hidden states (base model plus its
     update, on its probe batch), keyed by ``id()`` of its :class:`RunSignals`: pass one
     dict to every call that compares one run with several others, within the lifetime
-    of those objects, and each run's own states are computed once.
+    of those objects, and each run's own states are computed once. A run's adapted
+    states from :func:`~mergeprobe.signals.self_disturbance` are those own states when
+    its update equals the window-end factors: seed the cache with them (the probe does)
+    and they are not computed again.
 
     Returns
     -------

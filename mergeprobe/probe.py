@@ -18,7 +18,7 @@ Example
 >>> from mergeprobe.store import ProbeStore
 >>> probe = ProbeRun(ProbeStore("probe-store"), run_name="math")  # doctest: +SKIP
 >>> probe.begin_window(peft_model, step=0)  # doctest: +SKIP
->>> ...  # train the window
+>>> ...  # train the window  # doctest: +SKIP
 >>> comparisons = probe.end_window(peft_model, step=8)  # doctest: +SKIP
 """
 
@@ -69,6 +69,24 @@ def require_lora_model(model: Any) -> None:
         raise MergeProbeError(
             "the PEFT model has no LoRA layers (is it another PEFT method?); MergeProbeCallback probes LoRA adapters only."
         )
+
+
+def _same_factors(first: dict[str, tuple[Tensor, Tensor]], second: dict[str, tuple[Tensor, Tensor]]) -> bool:
+    """Whether two sets of low-rank factors are bitwise equal, module by module."""
+    return first.keys() == second.keys() and all(
+        torch.equal(first[k][0], second[k][0]) and torch.equal(first[k][1], second[k][1]) for k in first
+    )
+
+
+def _rank_zero(adapter: LoraAdapter) -> LoraAdapter:
+    """The zero update on ``adapter``'s modules, as rank-0 factors (nothing held; :func:`update_between` drops it)."""
+    from mergeprobe.adapters import LoraModule
+
+    modules = {
+        key: LoraModule(A=m.A.new_zeros((0, m.A.shape[1])), B=m.B.new_zeros((m.B.shape[0], 0)), scaling=m.scaling)
+        for key, m in adapter.modules.items()
+    }
+    return LoraAdapter(modules, adapter.config, adapter.name)
 
 
 def _global_cosine(first: dict[str, tuple[Tensor, Tensor]], second: dict[str, tuple[Tensor, Tensor]]) -> float:
@@ -190,6 +208,7 @@ class ProbeRun:
         if self._sketcher is not None:
             self._sketcher.active = False
             self._sketcher.detach()
+            self._sketcher = None  # its Gaussian projections (~40 MB for a 135M model) are not needed after the window
 
     def end_window(self, model: Any, step: int, meta: dict[str, Any] | None = None) -> dict[str, Comparison]:
         """Finish the window: build this run's signals, store them, compare with the other runs.
@@ -197,7 +216,7 @@ class ProbeRun:
         Every process must call this (the gradient sketches are all-reduced); only the
         main process writes and compares.
         """
-        from mergeprobe.signals import RunSignals, update_between
+        from mergeprobe.signals import RunSignals, self_disturbance, update_between
 
         if self._start is None or self._sketcher is None:
             raise MergeProbeError("end_window called before begin_window")
@@ -208,10 +227,19 @@ class ProbeRun:
             return {}
         end = load_adapter(model, self.adapter_name)
         ids, mask = self._probe_inputs()
-        disturbance = self._self_disturbance(model, ids, mask)
+        end_factors = {k: m.folded() for k, m in end.modules.items()}
+        update = update_between(self._start, end)
+        # LoRA that started at B = 0: the window update is the window-end ΔW. Hold one copy of the factors for the rest
+        # of training, and this run's own states in every cross-disturbance (base + its update, on its probe batch) are
+        # the adapted states of its self-disturbance: no second pass.
+        from_zero = _same_factors(update, end_factors)
+        if from_zero:
+            update = end_factors
+            self._start = _rank_zero(self._start)  # ΔW(start) = 0: tracking needs none of its factors
+        disturbance, adapted = self_disturbance(model, end_factors, ids, mask)
         self.signals = RunSignals(
-            update=update_between(self._start, end),
-            end_factors={k: m.folded() for k, m in end.modules.items()},
+            update=update,
+            end_factors=end_factors,
             gradient=sketches,
             disturbance=disturbance["disturbance"],
             relative_change=disturbance["relative_change"],
@@ -235,23 +263,10 @@ class ProbeRun:
         }
         self._record_meta = record_meta
         self._write(model, record_meta)
-        self._compare_all(model)
+        own_states = {id(self.signals): adapted} if from_zero else {}
+        del adapted  # held by own_states only, and only as long as it is needed
+        self._compare_all(model, own_states)
         return self.comparisons
-
-    @staticmethod
-    def _self_disturbance(model: Any, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        """Disturbance of the probe batch's hidden states, adapter off vs on (the states are not kept)."""
-        from mergeprobe.signals import hidden_states, representation_disturbance
-
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                h_base = hidden_states(model, ids, mask, adapter_enabled=False)
-                h_adapted = hidden_states(model, ids, mask, adapter_enabled=True)
-        finally:
-            model.train(was_training)
-        return representation_disturbance(h_base, h_adapted)
 
     def _write(self, model: Any, meta: dict[str, Any]) -> None:
         """Write this run's record with the model's current adapter saved beside the signals."""
@@ -335,29 +350,32 @@ class ProbeRun:
         from mergeprobe.features import (
             alignment_profile,
             cross_disturbance,
-            oriented_pairwise_features,
+            member_features,
+            pairwise_features,
             swap_cross,
         )
+        from mergeprobe.signals import frozen_base
 
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                cross = cross_disturbance(model, self.signals, other, own_states=own_states)
-        finally:
-            model.train(was_training)
-        features = oriented_pairwise_features(self.signals, other, cross)
+        with frozen_base(model):
+            cross = cross_disturbance(model, self.signals, other, own_states=own_states)
+        # oriented_pairwise_features of both orientations, with the symmetric part computed once for both.
+        symmetric = pairwise_features(self.signals, other, cross)
+        features = {**symmetric, **member_features(self.signals, [other], cross)}
         mean, lower = self._predict(features)
         # Both orientations: the other run's retention in this pair needs this run's model pass too.
         self.store.write_pair_features(self.run_name, name, features)
-        self.store.write_pair_features(name, self.run_name, oriented_pairwise_features(other, self.signals, swap_cross(cross)))
+        self.store.write_pair_features(name, self.run_name, {**symmetric, **member_features(other, [self.signals], swap_cross(cross))})
         return Comparison(name, features, alignment_profile(self.signals, other), mean, lower)
 
-    def _compare_all(self, model: Any) -> None:
-        own_states: dict[int, list[Tensor]] = {}  # this run's own hidden states, computed once for all comparisons
-        for name, other in self._compatible_others().items():
-            self.comparisons[name] = self._compare(model, name, other, own_states)
-            own_states.pop(id(other), None)  # keep only this run's states in memory
+    def _compare_all(self, model: Any, own_states: dict[int, list[Tensor]] | None = None) -> None:
+        """Full comparisons with every compatible stored run; ``own_states`` as in :meth:`_compare`."""
+        from mergeprobe.signals import frozen_base
+
+        own_states = {} if own_states is None else own_states  # this run's own states are computed (at most) once
+        with frozen_base(model):  # one switch of mode and adapter for every comparison
+            for name, other in self._compatible_others().items():
+                self.comparisons[name] = self._compare(model, name, other, own_states)
+                own_states.pop(id(other), None)  # keep only this run's states in memory
 
     def track(self, model: Any, step: int) -> dict[str, Comparison]:
         """Compare with runs that appeared since, and re-measure update alignment with all, now.

@@ -11,7 +11,8 @@ Three signals are captured in the probe window at the start of training:
   same sketch and Frobenius cosines between sketches estimate the cosines between the
   true gradients (Johnson–Lindenstrauss).
 - **Representation** — hidden states of a probe batch with the adapter disabled and
-  enabled, compared per layer by linear CKA (:func:`representation_disturbance`).
+  enabled, compared per layer by linear CKA (:func:`self_disturbance`,
+  :func:`representation_disturbance`).
 
 :class:`RunSignals` bundles them and converts to and from flat, safetensors-ready
 tensors. Nothing here knows about the ``transformers.Trainer``; the callback in
@@ -55,11 +56,14 @@ __all__ = [
     "RunSignals",
     "apply_updates",
     "capture_signals",
+    "frozen_base",
     "gradient_sketch_projections",
     "hidden_states",
+    "hidden_states_with_updates",
     "linear_cka",
     "lora_linear_layers",
     "representation_disturbance",
+    "self_disturbance",
     "sketch_of_gradient",
     "update_between",
 ]
@@ -378,7 +382,9 @@ def update_between(start: LoraAdapter, end: LoraAdapter) -> dict[str, Factors]:
 
 @contextlib.contextmanager
 def _adapter_state(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    if not enabled and hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+    # PEFT's disable_adapter walks the whole model twice (~0.1 s for a 135M model): skip it when already inside one.
+    already_disabled = bool(getattr(model, "_adapters_disabled", False))
+    if not enabled and not already_disabled and hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
         with model.disable_adapter():
             yield
     else:
@@ -387,12 +393,35 @@ def _adapter_state(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    if not any(module.training for module in model.modules()):  # already in eval mode: nothing to toggle back
+        yield
+        return
     was_training = model.training
     model.eval()
     try:
         yield
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def frozen_base(model: torch.nn.Module) -> Iterator[None]:
+    """The state every representation pass runs in: eval mode, no gradients, the PEFT adapter disabled.
+
+    :func:`hidden_states` and :func:`hidden_states_with_updates` enter it themselves;
+    entering it once around many passes (as the cross-disturbance and the probe's
+    window end do) saves switching the model's mode and adapter for each pass, which
+    PEFT does by walking the whole model. Inside it, ``hidden_states(...,
+    adapter_enabled=True)`` sees the base model too.
+
+    Example
+    -------
+    >>> with frozen_base(peft_model):  # doctest: +SKIP
+    ...     base = hidden_states(peft_model, ids, adapter_enabled=False)
+    ...     adapted = hidden_states_with_updates(peft_model, updates, ids)
+    """
+    with torch.no_grad(), _eval_mode(model), _adapter_state(model, enabled=False):
+        yield
 
 
 def hidden_states(
@@ -404,12 +433,14 @@ def hidden_states(
 ) -> list[Tensor]:
     """Per-layer hidden states of the real (unmasked) tokens of a batch.
 
-    Runs ``model(..., output_hidden_states=True)`` in eval mode without gradients, in
-    chunks of ``batch_size`` sequences (asking a causal LM for the last position's
-    logits only, ``logits_to_keep=1``, where its ``forward`` accepts it: the output
-    projection is not needed), and keeps the outputs of the transformer blocks
-    (``hidden_states[1:]``: the embedding output, which no LoRA changes, is left out;
-    the last entry is after the final norm, as ``transformers`` returns it). Tokens
+    Runs the model with ``output_hidden_states=True`` in eval mode without gradients,
+    in chunks of ``batch_size`` sequences, and keeps the outputs of the transformer
+    blocks (``hidden_states[1:]``: the embedding output, which no LoRA changes, is left
+    out; the last entry is after the final norm, as ``transformers`` returns it). The
+    output projection is not needed: a ``transformers`` model's body
+    (``PreTrainedModel.base_model``, the model without its LM head) is run where it has
+    one, else the whole model, asked for the last position's logits only
+    (``logits_to_keep=1``) where its ``forward`` accepts it. Tokens
     whose ``attention_mask`` is 0 are removed. For a ``PeftModel``,
     ``adapter_enabled=False`` runs under ``model.disable_adapter()`` (the base model).
     The model's training mode is restored afterwards.
@@ -429,13 +460,13 @@ def hidden_states(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     device = _module_device(model)
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    forward, extra = _states_forward(model)
     layers: list[list[Tensor]] = []
     with torch.no_grad(), _eval_mode(model), _adapter_state(model, adapter_enabled):
         for begin in range(0, int(input_ids.shape[0]), batch_size):
             ids = input_ids[begin : begin + batch_size].to(device)
             mask = attention_mask[begin : begin + batch_size].to(device)
-            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, **extra)
+            out = forward(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, **extra)
             keep = mask.bool()
             states = out.hidden_states[1:]
             if not layers:
@@ -443,6 +474,21 @@ def hidden_states(
             for chunks, state in zip(layers, states):
                 chunks.append(state[keep].to("cpu", torch.float32))
     return [torch.cat(chunks) for chunks in layers]
+
+
+def _states_forward(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """What :func:`hidden_states` calls, and its extra arguments: the body of a model with an LM head, else the model.
+
+    The body of a ``transformers`` model (its ``base_model``, e.g. ``LlamaModel`` inside
+    ``LlamaForCausalLM``) returns the very hidden states the whole model returns, without
+    the LM head's matmul (~10 % of a pass for SmolLM2-135M even at one position). A
+    ``PeftModel``'s LoRA layers and hooks sit inside that body, so they act as before.
+    """
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(target, "base_model", None)
+    if isinstance(body, torch.nn.Module) and body is not target and not hasattr(body, "peft_config"):
+        return body, {}
+    return model, ({"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {})
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -505,6 +551,62 @@ def _update_hook(b: Tensor, a: Tensor):
     return hook
 
 
+def hidden_states_with_updates(
+    model: torch.nn.Module,
+    updates: Mapping[str, Factors],
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    batch_size: int = 8,
+) -> list[Tensor]:
+    """:func:`hidden_states` of the base model plus the low-rank ``updates`` (the model's own adapter disabled).
+
+    The one way mergeprobe computes the states of "base model + ``ΔW``": the adapted
+    side of the self-disturbance (:func:`self_disturbance`) and both sides of the
+    cross-disturbance (:func:`mergeprobe.features.cross_disturbance`). The same updates
+    on the same batch therefore give bitwise the same states wherever they are
+    computed, so states computed once can be reused.
+
+    Example
+    -------
+    >>> own = hidden_states_with_updates(peft_model, run.update, run.probe_input_ids)  # doctest: +SKIP
+    """
+    with frozen_base(model), apply_updates(model, updates):
+        return hidden_states(model, input_ids, attention_mask, adapter_enabled=False, batch_size=batch_size)
+
+
+def self_disturbance(
+    model: torch.nn.Module,
+    factors: Mapping[str, Factors],
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    batch_size: int = 8,
+) -> tuple[dict[str, Tensor], list[Tensor]]:
+    """The representation signal of a run: its probe batch's hidden states without and with its ``ΔW``.
+
+    ``factors`` are the adapter's folded window-end factors (``ΔW = B̂ A`` per module).
+    The adapted states are :func:`hidden_states_with_updates` of them: the same as
+    running the ``PeftModel`` with its adapter enabled (bitwise so when the LoRA scaling
+    is a power of two, e.g. ``lora_alpha = 2r``; up to float round-off otherwise).
+
+    Returns
+    -------
+    disturbance, adapted
+        :func:`representation_disturbance` of the base and the adapted states, and the
+        adapted states themselves: when the run's window update equals ``factors``
+        (LoRA started at ``B = 0``) they are its own states in
+        :func:`~mergeprobe.features.cross_disturbance`, which then need no second pass.
+
+    Example
+    -------
+    >>> factors = {k: m.folded() for k, m in load_adapter(peft_model).modules.items()}  # doctest: +SKIP
+    >>> disturbance, adapted = self_disturbance(peft_model, factors, ids, mask)  # doctest: +SKIP
+    """
+    with frozen_base(model):
+        base = hidden_states(model, input_ids, attention_mask, adapter_enabled=False, batch_size=batch_size)
+        adapted = hidden_states_with_updates(model, factors, input_ids, attention_mask, batch_size=batch_size)
+    return representation_disturbance(base, adapted), adapted
+
+
 def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     """Linear CKA of two representations of the same ``n`` examples (rows).
 
@@ -561,8 +663,8 @@ def representation_disturbance(h_base: list[Tensor], h_adapted: list[Tensor]) ->
         raise ValueError(f"representation_disturbance: {len(h_base)} base layers but {len(h_adapted)} adapted layers")
     disturbance, relative = [], []
     for base, adapted in zip(h_base, h_adapted):
-        disturbance.append(float(1.0 - linear_cka(base, adapted)))
-        base64, adapted64 = base.to(torch.float64), adapted.to(torch.float64)
+        base64, adapted64 = base.to(torch.float64), adapted.to(torch.float64)  # converted once, for both measures
+        disturbance.append(float(1.0 - linear_cka(base64, adapted64)))
         norm = float(torch.linalg.norm(base64))
         diff = float(torch.linalg.norm(adapted64 - base64))
         relative.append(diff / norm if norm > 0 else diff)
@@ -690,7 +792,7 @@ def capture_signals(
     adapter snapshots (:func:`~mergeprobe.adapters.load_adapter`); ``sketcher`` has
     accumulated the window's gradients (call :meth:`GradientSketcher.all_reduce` first
     under DDP). The representation signal compares the probe batch's hidden states with
-    the adapter disabled and enabled.
+    the adapter disabled and enabled (:func:`self_disturbance`).
 
     Example
     -------
@@ -698,12 +800,11 @@ def capture_signals(
     """
     if probe_attention_mask is None:
         probe_attention_mask = torch.ones_like(probe_input_ids)
-    base = hidden_states(model, probe_input_ids, probe_attention_mask, adapter_enabled=False, batch_size=batch_size)
-    adapted = hidden_states(model, probe_input_ids, probe_attention_mask, adapter_enabled=True, batch_size=batch_size)
-    rep = representation_disturbance(base, adapted)
+    end_factors = {key: module.folded() for key, module in sorted(end.modules.items())}
+    rep, _ = self_disturbance(model, end_factors, probe_input_ids, probe_attention_mask, batch_size=batch_size)
     return RunSignals(
         update=update_between(start, end),
-        end_factors={key: module.folded() for key, module in sorted(end.modules.items())},
+        end_factors=end_factors,
         gradient=sketcher.sketches(),
         disturbance=rep["disturbance"],
         relative_change=rep["relative_change"],

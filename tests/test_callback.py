@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from itertools import combinations
 from pathlib import Path
 
@@ -141,6 +142,97 @@ def run_script(store: Path, name: str, out: Path, seed: int, extra: list[str] | 
          "--max-steps", "16", "--callback-kwargs", json.dumps({"predictor": None, **callback_kwargs}), *(extra or [])],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+
+
+def _probe_window(store: ProbeStore, name: str, seed: int, zero_start: bool):
+    """A ProbeRun's window on a tiny LoRA model whose factors jump from their start to a random end (no training)."""
+    from mergeprobe.probe import ProbeRun
+    from tests.conftest import build_lora_model
+
+    model = build_lora_model(seed=seed)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.zeros_like(p) if zero_start else 0.5 * p)
+    ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    probe = ProbeRun(store, name, run_id=name, sketch_dim=8, probe_batch={"input_ids": ids, "attention_mask": mask})
+    probe.begin_window(model, step=0)
+    start = probe._start
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in trained:
+                p.copy_(trained[n])
+    probe.end_window(model, step=4)
+    return model, probe, start
+
+
+@pytest.mark.parametrize("zero_start", [True, False])
+def test_window_end_features_are_the_library_features_computed_without_shortcuts(tmp_path, zero_start):
+    # The window end reuses its self-disturbance's adapted states as its own states in every cross-disturbance (B
+    # started at 0), switches the model's mode and adapter once, and computes each pair's symmetric features once for
+    # both orientations: what it stores must be what the library functions give when called one by one.
+    from mergeprobe.adapters import load_adapter
+    from mergeprobe.features import (
+        MEMBER_PREFIXES,
+        cross_disturbance,
+        oriented_pairwise_features,
+        pairwise_features,
+        swap_cross,
+    )
+    from mergeprobe.signals import self_disturbance, update_between
+
+    store = ProbeStore(tmp_path / "store")
+    for seed, name in ((1, "a"), (2, "b")):
+        _probe_window(store, name, seed, zero_start)
+    model, probe, start = _probe_window(store, "c", 3, zero_start)
+    own = probe.signals
+    assert (own.update is own.end_factors) == zero_start  # one copy of the factors when the update is the end ΔW
+    assert all(m.rank == 0 for m in probe._start.modules.values()) == zero_start  # B = 0 at the start: no start factors held
+    assert probe._sketcher is None  # the sketch projections are dropped with the window
+    rep, _ = self_disturbance(model, own.end_factors, own.probe_input_ids, own.probe_attention_mask)
+    assert torch.equal(own.disturbance, rep["disturbance"]) and torch.equal(own.relative_change, rep["relative_change"])
+    assert set(probe.comparisons) == {"a", "b"}
+    for name in ("a", "b"):
+        other = probe._others[name]
+        cross = cross_disturbance(model, own, other)
+        assert store.pair_features("c", name) == oriented_pairwise_features(own, other, cross)
+        assert probe.comparisons[name].features == oriented_pairwise_features(own, other, cross)
+        reverse, stored = oriented_pairwise_features(other, own, swap_cross(cross)), store.pair_features(name, "c")
+        assert stored.keys() == reverse.keys()
+        for key, value in reverse.items():  # the symmetric part computed in the (c, other) order: float round-off only
+            assert stored[key] == pytest.approx(value, rel=1e-5, abs=1e-12), key
+    # Tracking measures the update since the original window start, whatever the probe keeps of that start.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(1.5)
+    now = replace(own, update=update_between(start, load_adapter(model)))
+    for name, tracked in probe.track(model, step=8).items():
+        measured_now = {k: v for k, v in tracked.features.items() if not k.startswith(("cross_", *MEMBER_PREFIXES, "update_alignment.global"))}
+        assert measured_now == pairwise_features(now, probe._others[name], None)
+
+
+def test_tracking_measures_each_step_once(tmp_path, monkeypatch):
+    # Window steps 1-4, tracking every 4 steps: steps 8 and 12; training ends at step 12, just measured, so train end
+    # adds no second measurement of the same adapter. A run ending between tracking steps is measured at its end.
+    from mergeprobe.probe import ProbeRun
+
+    steps = []
+    original = ProbeRun.track
+
+    def counting(self, model, step):
+        steps.append(step)
+        return original(self, model, step)
+
+    monkeypatch.setattr(ProbeRun, "track", counting)
+    train(str(tmp_path / "store"), "t", str(tmp_path / "t"), seed=1, max_steps=12, predictor=None, tensorboard=False)
+    assert steps == [8, 12]
+    steps.clear()
+    train(str(tmp_path / "store"), "u", str(tmp_path / "u"), seed=2, max_steps=10, predictor=None, tensorboard=False)
+    assert steps == [8, 10]
 
 
 def test_concurrent_processes_share_one_store(tmp_path):

@@ -27,7 +27,7 @@ from mergeprobe.features import (
     symmetric_part,
     update_norm,
 )
-from mergeprobe.signals import RunSignals, update_between
+from mergeprobe.signals import RunSignals, self_disturbance, update_between
 from tests.conftest import build_lora_model, build_tiny_llama
 
 K = 8
@@ -169,6 +169,21 @@ def test_cross_disturbance_with_a_shared_cache_of_own_states_is_unchanged():
         for name, value in fresh.items():
             assert torch.equal(cached[name], value) if isinstance(value, torch.Tensor) else cached[name] == value
     assert set(cache) == {id(a), id(b), id(c)}
+
+
+def test_adapted_states_of_the_self_disturbance_are_the_own_states_of_the_cross_disturbance():
+    # The probe seeds the cache with its self-disturbance's adapted states when its update is the window-end ΔW
+    # (B started at 0), saving a pass: the result must be bitwise what the uncached computation gives.
+    model = build_lora_model(seed=1)  # run a's own PeftModel, as in the callback
+    a, b = _signals(1), _signals(2, batch_seed=5)
+    assert all(torch.equal(a.update[k][0], a.end_factors[k][0]) and torch.equal(a.update[k][1], a.end_factors[k][1]) for k in a.update)
+    _, adapted = self_disturbance(model, a.end_factors, a.probe_input_ids, a.probe_attention_mask)
+    fresh = cross_disturbance(model, a, b)
+    seeded = cross_disturbance(model, a, b, own_states={id(a): adapted})
+    assert seeded.keys() == fresh.keys()
+    for name, value in fresh.items():
+        assert torch.equal(seeded[name], value) if isinstance(value, torch.Tensor) else seeded[name] == value
+    assert oriented_pairwise_features(a, b, seeded) == oriented_pairwise_features(a, b, fresh)
 
 
 def test_alignment_profile_cells_are_the_per_module_means_exactly():

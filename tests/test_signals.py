@@ -12,11 +12,14 @@ from mergeprobe.signals import (
     RunSignals,
     apply_updates,
     capture_signals,
+    frozen_base,
     gradient_sketch_projections,
     hidden_states,
+    hidden_states_with_updates,
     linear_cka,
     lora_linear_layers,
     representation_disturbance,
+    self_disturbance,
     sketch_of_gradient,
     update_between,
 )
@@ -255,7 +258,7 @@ def test_disturbance_is_zero_for_a_fresh_lora_and_positive_for_a_random_one():
 
 
 def test_hidden_states_equal_those_of_a_forward_computing_every_logit():
-    # hidden_states asks a causal LM for the last position's logits only; the states must not change at all.
+    # hidden_states runs the model's body without the LM head; the states must not change at all.
     model = build_lora_model(seed=2).eval()
     ids, mask = _ids(3, n=3), torch.ones(3, 10, dtype=torch.long)
     mask[2, 5:] = 0
@@ -331,3 +334,62 @@ def test_all_reduce_averages_over_a_single_rank_group(tmp_path):
         dist.destroy_process_group()
     after = sketcher.sketches()
     assert all(torch.allclose(before[k], after[k]) for k in before) and float(after[Q_PROJ].abs().max()) > 0
+
+
+@pytest.mark.parametrize("lora_alpha", [8, 6])
+def test_self_disturbance_is_adapter_off_versus_on(lora_alpha):
+    # The adapted side runs the adapter's ΔW through hooks (the way the cross-disturbance computes every updated
+    # state, so the probe can reuse it there); with a power-of-two LoRA scaling (8 / 4 = 2) that is bitwise the
+    # PEFT adapter enabled, otherwise (6 / 4 = 1.5) equal up to float round-off.
+    model = build_lora_model(seed=4, lora_alpha=lora_alpha)
+    ids, mask = _ids(1, n=3), torch.ones(3, 10, dtype=torch.long)
+    mask[2, 6:] = 0
+    factors = {key: m.folded() for key, m in load_adapter(model).modules.items()}
+    rep, adapted = self_disturbance(model, factors, ids, mask, batch_size=2)
+    base, enabled = hidden_states(model, ids, mask, adapter_enabled=False, batch_size=2), hidden_states(model, ids, mask, batch_size=2)
+    want = representation_disturbance(base, enabled)
+    if lora_alpha == 8:
+        assert all(torch.equal(got, ref) for got, ref in zip(adapted, enabled, strict=True))
+        assert torch.equal(rep["disturbance"], want["disturbance"]) and torch.equal(rep["relative_change"], want["relative_change"])
+    else:
+        assert all(torch.allclose(got, ref, rtol=1e-5, atol=1e-6) for got, ref in zip(adapted, enabled, strict=True))
+        assert torch.allclose(rep["relative_change"], want["relative_change"], rtol=1e-4)
+    assert float(rep["relative_change"].min()) > 1e-3
+
+
+def test_frozen_base_switches_the_model_once_and_restores_it(monkeypatch):
+    model = build_lora_model(seed=5).train()
+    ids = _ids(2)
+    reference_on = hidden_states(model, ids)
+    reference_off = hidden_states(model, ids, adapter_enabled=False)
+    entered = []
+    original = type(model).disable_adapter
+
+    def counting(self):
+        entered.append(1)
+        return original(self)
+
+    monkeypatch.setattr(type(model), "disable_adapter", counting)
+    factors = {key: m.folded() for key, m in load_adapter(model).modules.items()}
+    with frozen_base(model):
+        assert not model.training and not torch.is_grad_enabled()
+        inside = [hidden_states(model, ids, adapter_enabled=False) for _ in range(2)]
+        updated = hidden_states_with_updates(model, factors, ids)
+        self_disturbance(model, factors, ids)
+    assert len(entered) == 1  # PEFT's disable_adapter (a walk of the whole model) once for all the passes
+    assert model.training and all(m.training for m in model.modules())
+    for states in inside:
+        assert all(torch.equal(a, b) for a, b in zip(states, reference_off, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(updated, reference_on, strict=True))  # scaling 2: bitwise
+    assert all(torch.equal(a, b) for a, b in zip(hidden_states(model, ids), reference_on, strict=True))  # adapter back on
+
+
+def test_hidden_states_do_not_run_the_lm_head():
+    model = build_lora_model(seed=2)
+    calls = []
+    handle = model.get_base_model().lm_head.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        hidden_states(model, _ids(3))
+    finally:
+        handle.remove()
+    assert calls == []

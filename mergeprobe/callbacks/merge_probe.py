@@ -87,6 +87,13 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         was written before the failure and nothing half-written.
     overwrite:
         Replace another run's record of the same name.
+
+    Example
+    -------
+    >>> callback = MergeProbeCallback("probe-store", run_name="math", track_every=100)
+    >>> callback.probe_fraction, callback.min_probe_steps, callback.track_every
+    (0.03, 8, 100)
+    >>> Trainer(model=peft_model, args=args, train_dataset=data, callbacks=[callback]).train()  # doctest: +SKIP
     """
 
     def __init__(
@@ -144,6 +151,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self.disabled = False
         self._probe: ProbeRun | None = None
         self._logger: Any = None
+        self._tracked_step: int | None = None  # the step of the last tracking measurement
         self.decision: Any = None
 
     # ------------------------------------------------------------------ state
@@ -274,6 +282,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             self._end_window(model, step, state, control)
         elif self.window_done and self.track_every and step % self.track_every == 0 and state.is_world_process_zero:
             tracked = self._guard("tracking", self._probe.track, model, step)
+            self._tracked_step = step
             if tracked:
                 self._log_comparisons(tracked, step, images=False)
                 self._apply_decision(tracked, step, control)
@@ -346,9 +355,11 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         if not self.window_done:  # training ended inside the window
             self._end_window(model, int(state.global_step), state, control)
         if state.is_world_process_zero and not self.disabled:
-            tracked = self._guard("tracking", self._probe.track, model, int(state.global_step))
-            if tracked:
-                self._log_comparisons(tracked, int(state.global_step), images=False)
+            # The last measurement, unless on_step_end just took it at this very step (nothing trained since).
+            if self._tracked_step != int(state.global_step):
+                tracked = self._guard("tracking", self._probe.track, model, int(state.global_step))
+                if tracked:
+                    self._log_comparisons(tracked, int(state.global_step), images=False)
             status = "stopped" if self.stop_reason else "finished"
             extra = {"stop_reason": self.stop_reason} if self.stop_reason else {}
             self._guard("saving the final adapter", self._probe.save_final_adapter, model, status, **extra)
