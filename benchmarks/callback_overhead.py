@@ -357,6 +357,8 @@ def run_training(spec: dict[str, Any]) -> dict[str, Any]:
         result["window"] = [probe.window_start, probe.window_end]
         result["compared_with"] = sorted(probe._probe.comparisons) if probe._probe is not None else []
         result["track_every"] = probe.track_every
+        comparisons = probe._probe.comparisons.values() if probe._probe is not None else []
+        result["predicted_retention"] = any(c.predicted_retention is not None for c in comparisons)
     return result
 
 
@@ -714,6 +716,15 @@ def describe(result: dict[str, Any], steps: int) -> str:
             f"{result['repeats']} with/without pair(s) (order {', '.join(result['order'])}), store holding {len(result['other_runs'])} other run(s)")
 
 
+def predictor_note(results: list[dict[str, Any]]) -> str:
+    """Whether predictor='default' found a retention predictor in this working tree (then runs predict and decide)."""
+    if any(r.get("predicted_retention") for result in results for r in result["runs"]["with"]):
+        return ("The callback runs with every argument at its default; predictor='default' loaded the retention predictor in "
+                "mergeprobe/data/, so the window end and every tracking step also predict retention and decide for the set.")
+    return ("The callback runs with every argument at its default; no retention predictor was used (none found, or it failed on these "
+            "features), so the run records and logs signals without predictions or a decision.")
+
+
 def result_notes(results: list[dict[str, Any]], threads: int) -> list[str]:
     """Method notes, and what the results themselves show (identical losses, the peak-RSS reset)."""
     notes = [
@@ -725,9 +736,10 @@ def result_notes(results: list[dict[str, Any]], threads: int) -> list[str]:
          "when other jobs hold a core. Wall time is what the targets are about; the CPU-time column is the same comparison in process CPU "
          "time (time.process_time), which the machine's other jobs disturb less."),
         ("In the window = summed step times of the window's steps before its last one (gradient-sketch hooks, probe-batch collection). The "
-         "window-end step carries the one-off cost: hidden states of the 16-sequence probe batch with the adapter off and on, the record "
-         "write, cross-disturbance against each stored run (base + own update and base + merged update on both runs' probe batches: "
-         "1 + 3 forward passes of a probe batch per stored run, this run's own states computed once) and the TensorBoard heatmaps."),
+         "window-end step carries the one-off cost: hidden states of the 16-sequence probe batch with the adapter off and on (2 forward "
+         "passes of the probe batch), the record write, cross-disturbance against each stored run (base + update on the stored run's "
+         "batch, base + merged update on both runs' batches: 3 passes per stored run; this run's own states are the adapted states of its "
+         "self-disturbance, computed once) and the TensorBoard heatmaps."),
         ("Outside the window: 'median' is the median over steps of the per-step ratio with/without (steps without tracking) — the steady "
          "state, as an A/B comparison of two processes, whose noise on this shared machine is about ±1.5 % for one pair of the default "
          "model (the same benchmark gave −1.4 % and +1.2 % on two occasions); 'direct' is the callback's own on_step_end time on those "
@@ -739,8 +751,7 @@ def result_notes(results: list[dict[str, Any]], threads: int) -> list[str]:
          "measurable difference."),
         ("The default model is loaded with mergeprobe.models.load_base_model('default'); the benchmark then removes transformers' GGUF "
          "quantisation marker (the weights are already float32), without which Trainer refuses to train it."),
-        ("The callback runs with every argument at its default; no retention predictor is shipped in this build, so predictor='default' "
-         "warns and the run records and logs signals without predictions or a decision."),
+        predictor_note(results),
     ]
     for result in results:
         runs = result["runs"]["with"] + result["runs"]["without"]
