@@ -493,6 +493,14 @@ def save_adapter(
 ) -> Path:
     """Write merged factors as a PEFT LoRA adapter directory, atomically.
 
+    Example
+    -------
+    >>> import tempfile, torch
+    >>> key = "base_model.model.model.layers.0.self_attn.q_proj"
+    >>> path = save_adapter({key: (torch.ones(8, 2), torch.ones(2, 8))}, tempfile.mkdtemp() + "/merged")
+    >>> sorted(p.name for p in path.iterdir())
+    ['adapter_config.json', 'adapter_model.safetensors']
+
     Parameters
     ----------
     modules:

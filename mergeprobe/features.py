@@ -183,7 +183,7 @@ def module_pair_features(
     -------
     >>> u = (torch.randn(6, 2), torch.randn(2, 5))
     >>> f = module_pair_features(u, (-u[0], u[1]))
-    >>> round(f["update_alignment"], 6), round(f["log_norm_ratio"], 6), round(f["b_overlap"], 6)
+    >>> round(f["update_alignment"], 4), round(f["log_norm_ratio"], 4), round(f["b_overlap"], 4)
     (-1.0, 0.0, 1.0)
     """
     (b_a, a_a), (b_b, a_b) = update_a, update_b

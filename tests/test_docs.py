@@ -25,6 +25,8 @@ def test_every_public_name_is_documented_with_an_example():
     missing = []
     for name in mergeprobe.__all__:
         obj = getattr(mergeprobe, name)
+        if not callable(obj):  # __version__ and other data
+            continue
         doc = inspect.getdoc(obj) or ""
         # Error classes share the example of their base, MergeProbeError.
         is_error = inspect.isclass(obj) and issubclass(obj, mergeprobe.MergeProbeError) and obj is not mergeprobe.MergeProbeError

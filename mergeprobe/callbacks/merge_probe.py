@@ -228,6 +228,8 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
 
     # ----------------------------------------------------------------- events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        # Before anything slow (store, predictor): the Trainer's TensorBoard directory was made just now.
+        began = time.time()
         require_lora_model(model)
         self.run_name = self.run_name or (args.run_name if args.run_name and args.run_name != args.output_dir else None) or Path(args.output_dir).name
         self.run_id = hashlib.sha256(f"{os.path.abspath(args.output_dir)}::{self.run_name}".encode()).hexdigest()[:16]
@@ -252,7 +254,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         if state.is_world_process_zero and self.tensorboard:
             from mergeprobe.tracking import MergeabilityLogger, trainer_log_dir
 
-            self._logger = MergeabilityLogger(self.log_dir or trainer_log_dir(args.output_dir, started_at=time.time()))
+            self._logger = MergeabilityLogger(self.log_dir or trainer_log_dir(args.output_dir, started_at=began))
         step = int(state.global_step)
         if step > 0 and self._guard("reading this run's record", self._resume_after_window, model, step):
             return
