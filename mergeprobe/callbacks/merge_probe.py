@@ -37,7 +37,12 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from mergeprobe.errors import MergeProbeError, PredictorError, StoreError
-from mergeprobe.probe import Comparison, ProbeRun, base_model_identity, require_lora_model
+from mergeprobe.probe import (
+    Comparison,
+    ProbeRun,
+    base_model_identity,
+    require_lora_model,
+)
 
 
 class MergeProbeCallback(TrainerCallback, ExportableState):
