@@ -62,3 +62,25 @@ def test_merge_on_end_writes_exactly_one_adapter_for_concurrent_runs(tmp_path):
     adapter = merges[0]["path"] / "adapter"
     assert (adapter / "adapter_model.safetensors").exists()
     PeftModel.from_pretrained(build_tiny_llama(), str(adapter))  # a standard PEFT adapter
+
+
+def test_the_shipped_predictor_loads_in_the_background_and_predicts_at_the_window_end(tmp_path):
+    from mergeprobe.predictor import MergeProbe
+
+    store = str(tmp_path / "store")
+    train(store, "first", str(tmp_path / "first"), seed=0, predictor="default")
+    _, callback = train(store, "second", str(tmp_path / "second"), seed=1, predictor="default")
+    assert callback._predictor_loading is None  # handed over, no thread left pending
+    assert isinstance(callback._probe.predictor, MergeProbe)
+    (comparison,) = callback._probe.comparisons.values()
+    assert 0.0 <= comparison.predicted_retention and comparison.predicted_lower <= comparison.predicted_retention + 1e-9
+    assert callback.decision is not None
+
+
+def test_an_unreadable_predictor_path_warns_and_the_run_trains_on(tmp_path):
+    import pytest
+
+    (tmp_path / "bad.skops").write_text("not a skops file")
+    with pytest.warns(UserWarning, match="no retention predictor"):
+        _, callback = train(str(tmp_path / "store"), "only", str(tmp_path / "only"), predictor=str(tmp_path / "bad.skops"))
+    assert callback._probe.predictor is None and callback.window_done

@@ -30,6 +30,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,6 +156,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self.stop_reason: str | None = None
         self.disabled = False
         self._probe: ProbeRun | None = None
+        self._predictor_loading: Future | None = None
         self._logger: Any = None
         self._tracked_step: int | None = None  # the step of the last tracking measurement
         self.decision: Any = None
@@ -212,6 +214,25 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             warnings.warn(f"mergeprobe: no retention predictor ({err}); signals are still captured and logged.", stacklevel=2)
             return None
 
+    def _start_loading_predictor(self) -> None:
+        """Load a predictor named by path (or "default") in a background thread.
+
+        Loading imports scikit-learn and skops (seconds); the probe window trains meanwhile
+        and the first prediction, at the window end, waits for it (:meth:`_predictor_ready`).
+        """
+        if isinstance(self.predictor, str):
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeprobe-predictor")
+            self._predictor_loading = pool.submit(self._load_predictor)
+            pool.shutdown(wait=False)  # the submitted load still runs; no thread is left behind after it
+        elif self._probe is not None:
+            self._probe.predictor = self.predictor
+
+    def _predictor_ready(self) -> None:
+        """Hand the loaded predictor to the probe (waiting for the background load if needed)."""
+        if self._predictor_loading is not None and self._probe is not None:
+            self._probe.predictor = self._predictor_loading.result()
+            self._predictor_loading = None
+
     def _window_length(self, args: Any, state: Any) -> int:
         if self.probe_steps is not None:
             length = int(self.probe_steps)
@@ -252,10 +273,12 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             probe_batch_size=self.probe_batch_size,
             probe_batch=self.probe_batch,
             adapter_name=self.adapter_name,
-            predictor=self._load_predictor() if state.is_world_process_zero else None,
+            predictor=None,
             overwrite=self.overwrite,
             is_main=state.is_world_process_zero,
         )
+        if state.is_world_process_zero:
+            self._start_loading_predictor()
         if state.is_world_process_zero and self.tensorboard:
             from mergeprobe.tracking import MergeabilityLogger, trainer_log_dir
 
@@ -288,6 +311,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         if not self.window_done and self.window_end is not None and step >= self.window_end:
             self._end_window(model, step, state, control)
         elif self.window_done and self.track_every and step % self.track_every == 0 and state.is_world_process_zero:
+            self._predictor_ready()
             tracked = self._guard("tracking", self._probe.track, model, step)
             self._tracked_step = step
             if tracked:
@@ -296,6 +320,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
 
     def _end_window(self, model: Any, step: int, state: Any, control: Any) -> None:
         self.window_done = True
+        self._predictor_ready()
         meta = {"max_steps": int(state.max_steps or 0)}
         comparisons = self._guard("writing the probe record", self._probe.end_window, model, step, meta)
         if not state.is_world_process_zero or comparisons is None:
@@ -362,6 +387,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         if not self.window_done:  # training ended inside the window
             self._end_window(model, int(state.global_step), state, control)
         if state.is_world_process_zero and not self.disabled:
+            self._predictor_ready()
             # The last measurement, unless on_step_end just took it at this very step (nothing trained since).
             if self._tracked_step != int(state.global_step):
                 tracked = self._guard("tracking", self._probe.track, model, int(state.global_step))
