@@ -56,7 +56,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -65,6 +64,11 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _rss import (  # sibling module: the scripts run as `python benchmarks/<name>.py`
+    peak_rss_mb,
+    rss_now_mb,
+)
 
 LORA_RANK = 8
 LORA_ALPHA = 16
@@ -105,23 +109,6 @@ PHASES = [
 
 
 # --- Workers (one per training run, in a subprocess) -----------------------------
-
-
-def rss_now_mb() -> float | None:
-    """Current resident set size (Linux ``/proc``), MB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process, MB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
 
 
 def reset_peak_rss() -> bool:

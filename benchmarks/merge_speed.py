@@ -41,12 +41,16 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _rss import (  # sibling module: the scripts run as `python benchmarks/<name>.py`
+    peak_rss_mb,
+    rss_now_mb,
+)
 
 # --- The module set and the cases -------------------------------------------------
 
@@ -180,23 +184,6 @@ def core_cases() -> list[dict[str, Any]]:
 
 
 # --- Workers (one per case, in a subprocess) -------------------------------------
-
-
-def rss_now_mb() -> float | None:
-    """Current resident set size (Linux ``/proc``), MB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process, MB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
 
 
 def register_tada_step() -> None:
