@@ -42,7 +42,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -691,9 +690,11 @@ def predict_pairwise(
 
 
 # -------------------------------------------------------------------- evaluation
-def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's ρ of two sequences; ``None`` when it is undefined (fewer than 3 values, a constant side)."""
     from scipy.stats import spearmanr
 
+    a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
     with warnings.catch_warnings():
@@ -704,7 +705,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def _scores(y: np.ndarray, pred: np.ndarray) -> dict[str, float | None]:
     return {
-        "spearman": _spearman(pred, y),
+        "spearman": spearman(pred, y),
         "mae": float(np.mean(np.abs(pred - y))),
         "rmse": float(np.sqrt(np.mean((pred - y) ** 2))),
     }

@@ -44,6 +44,7 @@ from benchmarks.mergebench.common import PACKAGE_DATA, cache_root, read_json, wr
 from benchmarks.mergebench.plan import DOMAIN_TASKS, TARGET_METHOD, plan
 from mergeprobe.decision import decide
 from mergeprobe.features import MEMBER_PREFIXES
+from mergeprobe.predictor import spearman
 
 FEATURE_SETS = ("symmetric", "oriented")
 DEFAULT_FEATURE_SET = "oriented"
@@ -93,18 +94,6 @@ def involved(row: dict[str, Any]) -> set[str]:
 
 
 # ------------------------------------------------------------------ metrics
-def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    from scipy.stats import spearmanr
-
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        value = float(spearmanr(a, b).statistic)
-    return value if math.isfinite(value) else None
-
-
 def scores(y: Sequence[float], pred: Sequence[float]) -> dict[str, Any]:
     y, pred = np.asarray(y, float), np.asarray(pred, float)
     if len(y) == 0:
