@@ -80,6 +80,10 @@ def main() -> None:
         sketches = [name for name in record.tensors if name.startswith("gradient.")]
         print(f"world size {world_size}: run {task.name!r} {record.status}, {len(sketches)} gradient sketches "
               f"all-reduced over the ranks, adapter at {record.adapter_path}")
+    # Tear the process group down before exit: left to the interpreter's shutdown, gloo can abort a rank
+    # ("terminate called without an active exception") after all the work is done.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
