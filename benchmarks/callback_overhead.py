@@ -384,6 +384,8 @@ def _worker_command(spec: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("TENSORBOARD_LOGGING_DIR", None)
+    # The workers measure this checkout's mergeprobe, whatever (if anything) is installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     return command, env
 
 

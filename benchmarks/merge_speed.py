@@ -331,6 +331,8 @@ def run_in_subprocess(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one case in a fresh interpreter; returns its measurements or an ``error``."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+    # The workers measure this checkout's mergeprobe, whatever (if anything) is installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     if spec.get("threads"):
         env.update(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
     try:
