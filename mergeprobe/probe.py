@@ -41,6 +41,10 @@ from mergeprobe.errors import MergeProbeError, PredictorError, StoreError
 
 COMPARABLE_STATUSES = ("complete", "finished", "stopped")
 
+MAX_CACHED_STATES_BYTES = 256 * 2**20
+"""A run's own hidden states are stored with its record up to this size (16 sequences × 32 tokens of
+SmolLM2-135M: 35 MB); larger ones are recomputed by each later run that compares with it."""
+
 
 def base_model_identity(model: Any) -> dict[str, str]:
     """Name and weight fingerprint of a model's base, to tell which runs can be merged.
@@ -216,7 +220,7 @@ class ProbeRun:
         Every process must call this (the gradient sketches are all-reduced); only the
         main process writes and compares.
         """
-        from mergeprobe.signals import RunSignals, self_disturbance, update_between
+        from mergeprobe.signals import RunSignals, own_states_cache, self_disturbance, update_between
 
         if self._start is None or self._sketcher is None:
             raise MergeProbeError("end_window called before begin_window")
@@ -262,18 +266,27 @@ class ProbeRun:
             **(meta or {}),
         }
         self._record_meta = record_meta
-        self._write(model, record_meta)
+        # This run's own states go into its record too: every later run's cross-disturbance with it reads them
+        # instead of recomputing them (one forward pass of this probe batch per later run).
+        cacheable = from_zero and sum(t.numel() * t.element_size() for t in adapted) <= MAX_CACHED_STATES_BYTES
+        self._write(model, record_meta, cache=own_states_cache(adapted) if cacheable else None, keep_cache=False)
         own_states = {id(self.signals): adapted} if from_zero else {}
         del adapted  # held by own_states only, and only as long as it is needed
         self._compare_all(model, own_states)
         return self.comparisons
 
-    def _write(self, model: Any, meta: dict[str, Any]) -> None:
-        """Write this run's record with the model's current adapter saved beside the signals."""
+    def _write(self, model: Any, meta: dict[str, Any], cache: dict[str, Tensor] | None = None, keep_cache: bool = True) -> None:
+        """Write this run's record with the model's current adapter saved beside the signals.
+
+        ``cache`` (this run's own states) is written with the window-end record; later
+        rewrites keep the stored one, since the signals it derives from do not change.
+        """
         with tempfile.TemporaryDirectory(prefix="mergeprobe-adapter-") as tmp:
             model.save_pretrained(tmp, selected_adapters=[self.adapter_name])
             source = Path(tmp) / self.adapter_name if self.adapter_name != "default" else Path(tmp)
-            self.store.write_record(self.run_name, meta, self.signals.to_tensors(), overwrite=self.overwrite, adapter=source)
+            self.store.write_record(
+                self.run_name, meta, self.signals.to_tensors(), overwrite=self.overwrite, adapter=source, cache=cache, keep_cache=keep_cache
+            )
 
     def save_final_adapter(self, model: Any, status: str = "finished", **extra: Any) -> None:
         """Rewrite this run's record with the final adapter and a final status (main process)."""
@@ -354,8 +367,13 @@ class ProbeRun:
             pairwise_features,
             swap_cross,
         )
-        from mergeprobe.signals import frozen_base
+        from mergeprobe.signals import frozen_base, own_states_from_cache
 
+        own_states = {} if own_states is None else own_states
+        if id(other) not in own_states:  # the other run's own states, as its probe stored them
+            stored = own_states_from_cache(self.store.load_cache(name), other)
+            if stored is not None:
+                own_states[id(other)] = stored
         with frozen_base(model):
             cross = cross_disturbance(model, self.signals, other, own_states=own_states)
         # oriented_pairwise_features of both orientations, with the symmetric part computed once for both.

@@ -40,7 +40,7 @@ import contextlib
 import hashlib
 import inspect
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,8 @@ __all__ = [
     "hidden_states_with_updates",
     "linear_cka",
     "lora_linear_layers",
+    "own_states_cache",
+    "own_states_from_cache",
     "representation_disturbance",
     "self_disturbance",
     "sketch_of_gradient",
@@ -572,6 +574,55 @@ def hidden_states_with_updates(
     """
     with frozen_base(model), apply_updates(model, updates):
         return hidden_states(model, input_ids, attention_mask, adapter_enabled=False, batch_size=batch_size)
+
+
+OWN_STATES = "own_states"
+"""Name prefix of a run's own hidden states in a store record's cache (``own_states.<layer>``)."""
+
+
+def own_states_cache(states: Sequence[Tensor]) -> dict[str, Tensor]:
+    """A run's own states (base + its update, on its probe batch) as flat cache tensors.
+
+    The states are what :func:`hidden_states_with_updates` returns for the run's window
+    update on its probe batch (for LoRA started at ``B = 0``, the adapted states of
+    :func:`self_disturbance`). Stored with the run's record
+    (:meth:`~mergeprobe.store.ProbeStore.write_record` ``cache=``), they spare every later
+    cross-disturbance with this run one forward pass of its probe batch.
+
+    Example
+    -------
+    >>> cache = own_states_cache([torch.zeros(5, 4), torch.ones(5, 4)])
+    >>> sorted(cache)
+    ['own_states.0', 'own_states.1']
+    """
+    return {f"{OWN_STATES}.{layer}": state for layer, state in enumerate(states)}
+
+
+def own_states_from_cache(cache: Mapping[str, Tensor] | None, signals: RunSignals) -> list[Tensor] | None:
+    """The own states in a record's cache (:func:`own_states_cache`), or ``None`` if they cannot be the run's.
+
+    They are checked against the run's probe batch: one float32 ``[n_tokens, hidden]``
+    tensor per layer, ``n_tokens`` the batch's real tokens, layers numbered from 0 without
+    gaps, one hidden size. Anything else (no cache, another layout) gives ``None``: the
+    caller then computes the states.
+
+    Example
+    -------
+    >>> signals = RunSignals({}, {}, {}, torch.zeros(2), torch.zeros(2), torch.ones(1, 5, dtype=torch.long),
+    ...                      torch.ones(1, 5, dtype=torch.long), sketch_dim=32, sketch_seed=0)
+    >>> len(own_states_from_cache(own_states_cache([torch.zeros(5, 4)] * 2), signals))
+    2
+    >>> own_states_from_cache(own_states_cache([torch.zeros(3, 4)]), signals) is None
+    True
+    """
+    if not cache:
+        return None
+    layers = sum(1 for name in cache if name.startswith(f"{OWN_STATES}."))
+    states = [cache.get(f"{OWN_STATES}.{layer}") for layer in range(layers)]
+    tokens = int(signals.probe_attention_mask.bool().sum())
+    if not states or any(s is None or s.dtype != torch.float32 or s.ndim != 2 or s.shape != states[0].shape for s in states):
+        return None
+    return states if states[0].shape[0] == tokens else None
 
 
 def self_disturbance(

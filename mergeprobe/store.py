@@ -17,6 +17,9 @@ Layout
         meta.json                  RunRecord.meta (JSON), including "write_id"
         signals.safetensors        RunRecord.tensors; header metadata repeats "write_id"
         adapter/                   optional window-end PEFT adapter
+        cache.safetensors          optional tensors that can be recomputed (the run's own hidden
+                                   states on its probe batch); header metadata "write_id" equals
+                                   meta.json's "cache_id". Missing or stale: recomputed, never an error
       runs/.<run_name>.tmp-<hex>/  a write in progress (or killed): never read
       runs/.<run_name>.old-<hex>/  the previous version during an overwrite
       outcomes/<id>.json           measured retention after a real merge
@@ -83,6 +86,7 @@ STATUSES = ("probing", "complete", "stopped", "finished")
 STORE_FILE = "store.json"
 META_FILE = "meta.json"
 SIGNALS_FILE = "signals.safetensors"
+CACHE_FILE = "cache.safetensors"
 ADAPTER_DIR = "adapter"
 CLAIM_FILE = "CLAIM"
 RESULT_FILE = "result.json"
@@ -173,6 +177,14 @@ def _write_new_file(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` to ``target`` (files are never modified in place here), copying where links fail."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -496,6 +508,8 @@ class ProbeStore:
         tensors: Mapping[str, Tensor],
         overwrite: bool = False,
         adapter: str | os.PathLike[str] | None = None,
+        cache: Mapping[str, Tensor] | None = None,
+        keep_cache: bool = False,
     ) -> RunRecord:
         """Write (or rewrite) one run's record atomically.
 
@@ -518,6 +532,13 @@ class ProbeStore:
             Replace a record that belongs to another run.
         adapter:
             A PEFT adapter directory to store as the record's ``adapter/``.
+        cache:
+            Tensors a reader could recompute but would rather not (the probe stores the
+            run's own hidden states here), written as the record's ``cache.safetensors``
+            and read back by :meth:`load_cache`. ``meta["cache_id"]`` ties them to this write.
+        keep_cache:
+            Without ``cache``: carry the existing record's cache over (a run rewriting its
+            own record, e.g. with the final adapter, whose cached tensors still hold).
 
         Returns
         -------
@@ -534,7 +555,12 @@ class ProbeStore:
         name = check_name(run_name)
         write_id = uuid.uuid4().hex
         record_meta = self._prepare_meta(name, meta, write_id)
+        record_meta.pop("cache_id", None)
         blob = _serialize_tensors(tensors, write_id)
+        cache_blob = None
+        if cache is not None:
+            record_meta["cache_id"] = uuid.uuid4().hex
+            cache_blob = _serialize_tensors(cache, record_meta["cache_id"])
         adapter_source = Path(adapter) if adapter is not None else None
         if adapter_source is not None and not adapter_source.is_dir():
             raise StoreError(f"adapter {str(adapter_source)!r} is not a directory; pass a saved PEFT adapter directory.")
@@ -542,13 +568,22 @@ class ProbeStore:
         with self._locked(self._run_lock(name), f"run {name!r}"):
             self._recover_interrupted(name)
             previous = self._previous_owner(name, record_meta["run_id"], overwrite)
-            if previous is not None and previous.get("run_id") == record_meta["run_id"] and previous.get("created"):
+            same_run = previous is not None and previous.get("run_id") == record_meta["run_id"]
+            if same_run and previous.get("created"):
                 record_meta["created"] = previous["created"]
+            carried = None
+            if cache is None and keep_cache and same_run and isinstance(previous.get("cache_id"), str) and (target / CACHE_FILE).is_file():
+                carried = target / CACHE_FILE
+                record_meta["cache_id"] = previous["cache_id"]
             tmp = self._runs / f".{name}.tmp-{uuid.uuid4().hex[:12]}"
             try:
                 with self._os_errors(f"write run {name!r} into", tmp):
                     os.mkdir(tmp, 0o777)
                     _write_new_file(tmp / SIGNALS_FILE, blob)
+                    if cache_blob is not None:
+                        _write_new_file(tmp / CACHE_FILE, cache_blob)
+                    elif carried is not None:
+                        _link_or_copy(carried, tmp / CACHE_FILE)
                     _write_new_file(tmp / META_FILE, _json_text(record_meta, "meta").encode())
                     if adapter_source is not None:
                         shutil.copytree(adapter_source, tmp / ADAPTER_DIR)
@@ -801,6 +836,39 @@ class ProbeStore:
             except StoreError:
                 raise first from None
 
+    def load_cache(self, run_name: str) -> dict[str, Tensor] | None:
+        """The cached tensors of a run's current record (see :meth:`write_record`), or ``None``.
+
+        ``None`` when the record has no cache, or its ``cache.safetensors`` is missing,
+        truncated or from another write: a cache is only ever a shortcut, so its absence
+        is never an error (an undecodable one is warned about).
+
+        Example
+        -------
+        >>> cache = store.load_cache("math")  # doctest: +SKIP
+        >>> cache is None or all(t.ndim == 2 for t in cache.values())  # doctest: +SKIP
+        True
+        """
+        name = check_name(run_name)
+        folder = self._runs / name
+        try:
+            meta, _ = self._read_settled(folder, name, load_tensors=False)
+            cache_id = meta.get("cache_id")
+            if not isinstance(cache_id, str):
+                return None
+            data = (folder / CACHE_FILE).read_bytes()
+            if _safetensors_metadata(data, len(data)).get("write_id") != cache_id:
+                return None  # the record was rewritten between the two reads; the caller recomputes
+        except (_Unreadable, SchemaVersionError, OSError):
+            return None
+        from safetensors.torch import load
+
+        try:
+            return load(data)
+        except Exception as err:  # safetensors raises SafetensorError, and torch errors for bad dtypes
+            self._warn(f"record {name!r}: {CACHE_FILE} cannot be decoded ({err}); recomputing what it holds")
+            return None
+
     def load_signals(self, run_name: str) -> RunSignals:
         """Load a record written by :meth:`write_signals` as ``RunSignals``."""
         from mergeprobe.signals import RunSignals
@@ -937,8 +1005,29 @@ class ProbeStore:
                 return {**features.symmetric_part(reverse), **features.member_features(a, [b], None)}
         a = self.load_signals(run_a)
         b = self.load_signals(run_b)
-        cross = features.cross_disturbance(model, a, b) if model is not None else None
+        cross = self._cross_disturbance(model, {run_a: a, run_b: b}) if model is not None else None
         return features.oriented_pairwise_features(a, b, cross)
+
+    def _cross_disturbance(self, model: Any, runs: Mapping[str, RunSignals]) -> dict[str, Any]:
+        """Cross-disturbance of two stored runs on ``model``, with the own states their records cache.
+
+        A run's cached states are used only if its record names ``model``'s base weights
+        (the fingerprint the probe stores); otherwise they are recomputed on ``model``.
+        """
+        from mergeprobe import features
+        from mergeprobe.probe import base_model_identity
+        from mergeprobe.signals import own_states_from_cache
+
+        fingerprint = base_model_identity(model)["fingerprint"]
+        own: dict[int, Any] = {}
+        for name, signals in runs.items():
+            meta, _ = self._read_settled(self._runs / name, name, load_tensors=False)
+            if meta.get("base_fingerprint") == fingerprint:
+                states = own_states_from_cache(self.load_cache(name), signals)
+                if states is not None:
+                    own[id(signals)] = states
+        a, b = runs.values()
+        return features.cross_disturbance(model, a, b, own_states=own)
 
     # ----------------------------------------------------------------- outcomes
 

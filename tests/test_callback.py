@@ -67,6 +67,7 @@ def test_sequential_runs_fill_the_store(sequential_runs):
         assert record.meta["probe_steps"] == [0, 4]
         assert record.adapter_path is not None and (record.adapter_path / "adapter_model.safetensors").exists()
         assert any(k.startswith("gradient.") for k in record.tensors)
+        assert store.load_cache(name) is not None  # its own states, kept through the final rewrite
     assert_all_pairs(store, ["alpha", "beta", "gamma"])
     assert set(callbacks["gamma"]._probe.comparisons) == {"alpha", "beta"}
 
@@ -213,6 +214,41 @@ def test_window_end_features_are_the_library_features_computed_without_shortcuts
     for name, tracked in probe.track(model, step=8).items():
         measured_now = {k: v for k, v in tracked.features.items() if not k.startswith(("cross_", *MEMBER_PREFIXES, "update_alignment.global"))}
         assert measured_now == pairwise_features(now, probe._others[name], None)
+
+
+def test_stored_own_states_spare_one_pass_per_stored_run(tmp_path, monkeypatch):
+    # Each run stores its own states (base + its update, on its probe batch) with its record; a later run's window
+    # end reads them instead of recomputing them, with bitwise the same features. A record without them is recomputed.
+    from mergeprobe import signals
+    from mergeprobe.store import CACHE_FILE
+
+    store = ProbeStore(tmp_path / "store")
+    for seed, name in ((1, "a"), (2, "b")):
+        _probe_window(store, name, seed, zero_start=True)
+    passes = []
+    original = signals.hidden_states
+    monkeypatch.setattr(signals, "hidden_states", lambda *args, **kwargs: passes.append(1) or original(*args, **kwargs))
+    model, probe, _ = _probe_window(store, "c", 3, zero_start=True)
+    assert len(passes) == 2 + 2 * 2  # self-disturbance (base, adapted), then per stored run the merge on both batches
+    for name in ("a", "b"):
+        other = probe._others[name]
+        cached = signals.own_states_from_cache(store.load_cache(name), other)
+        with signals.frozen_base(model):
+            fresh = signals.hidden_states_with_updates(model, other.update, other.probe_input_ids, other.probe_attention_mask)
+        assert all(torch.equal(x, y) for x, y in zip(cached, fresh, strict=True))
+    stored = {name: store.pair_features("c", name) for name in ("a", "b")}
+    passes.clear()
+    assert store.pairwise_features("c", "a", model=model) == stored["a"]  # offline: both runs' states from their records
+    assert len(passes) == 2
+    for name in ("a", "b"):
+        (tmp_path / "store" / "runs" / name / CACHE_FILE).unlink()
+    passes.clear()
+    _probe_window(store, "c", 3, zero_start=True)
+    assert len(passes) == 2 + 3 * 2
+    assert {name: store.pair_features("c", name) for name in ("a", "b")} == stored
+    # Runs whose B did not start at 0 store no states (their update is not the window-end ΔW of the adapted pass).
+    _probe_window(store, "d", 4, zero_start=False)
+    assert store.load_cache("d") is None
 
 
 def test_tracking_measures_each_step_once(tmp_path, monkeypatch):

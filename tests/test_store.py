@@ -23,6 +23,7 @@ import pytest
 import mergeprobe
 from mergeprobe.errors import SchemaVersionError, StoreError
 from mergeprobe.store import (
+    CACHE_FILE,
     SCHEMA_VERSION,
     IncompleteRecordWarning,
     ProbeStore,
@@ -433,8 +434,9 @@ def test_signals_and_pairwise_features_wiring(tmp_path: Path, monkeypatch: pytes
 
     calls: list[tuple[str, Any]] = []
 
-    def cross_disturbance(model: Any, a: FakeSignals, b: FakeSignals) -> dict[str, float]:
+    def cross_disturbance(model: Any, a: FakeSignals, b: FakeSignals, own_states: Any = None) -> dict[str, float]:
         calls.append(("cross", model))
+        assert own_states == {}  # these records cache no states
         return {"cross": 1.0}
 
     def oriented_pairwise_features(a: FakeSignals, b: FakeSignals, cross: dict[str, float] | None) -> dict[str, float]:
@@ -442,7 +444,10 @@ def test_signals_and_pairwise_features_wiring(tmp_path: Path, monkeypatch: pytes
         return {"alignment": float(a.tensors["g"].item() * b.tensors["g"].item()), "steps": float(a.meta()["k"])}
 
     features = types.SimpleNamespace(cross_disturbance=cross_disturbance, oriented_pairwise_features=oriented_pairwise_features)
-    monkeypatch.setitem(sys.modules, "mergeprobe.signals", types.SimpleNamespace(RunSignals=FakeSignals))
+    monkeypatch.setitem(
+        sys.modules, "mergeprobe.signals", types.SimpleNamespace(RunSignals=FakeSignals, own_states_from_cache=lambda cache, signals: None)
+    )
+    monkeypatch.setattr("mergeprobe.probe.base_model_identity", lambda model: {"name": model, "fingerprint": "f"})
     monkeypatch.setitem(sys.modules, "mergeprobe.features", features)
     monkeypatch.setattr(mergeprobe, "features", features, raising=False)
 
@@ -458,3 +463,41 @@ def test_signals_and_pairwise_features_wiring(tmp_path: Path, monkeypatch: pytes
     store.write_record("plain", {"run_id": "p"}, {})
     with pytest.raises(StoreError, match="no RunSignals metadata"):
         store.load_signals("plain")
+
+
+def test_cache_is_written_carried_over_and_never_an_error(tmp_path: Path) -> None:
+    import torch
+
+    store = ProbeStore(tmp_path / "store")
+    states = {"own_states.0": torch.randn(5, 4), "own_states.1": torch.randn(5, 4)}
+    store.write_record("a", _meta("a", 1.0), _tensors(1.0))
+    assert store.load_cache("a") is None  # no cache written
+    first = store.write_record("a", _meta("a", 1.0), _tensors(1.0), cache=states)
+    cache = store.load_cache("a")
+    assert cache is not None and all(torch.equal(cache[k], v) for k, v in states.items())
+    # The same run rewriting its record (final adapter, new status) keeps the cache, linked not rewritten.
+    inode = (tmp_path / "store" / "runs" / "a" / CACHE_FILE).stat().st_ino
+    again = store.write_record("a", _meta("a", 2.0, status="finished"), _tensors(2.0), keep_cache=True)
+    assert (tmp_path / "store" / "runs" / "a" / CACHE_FILE).stat().st_ino == inode
+    assert again.meta["cache_id"] == first.meta["cache_id"] and torch.equal(store.load_cache("a")["own_states.1"], states["own_states.1"])
+    store.update_status("a", "finished", note="x")
+    assert store.load_cache("a") is not None
+    # A rewrite without keep_cache drops it; another run taking the name over never inherits it.
+    store.write_record("a", _meta("a", 3.0), _tensors(3.0), cache=states)
+    store.write_record("a", _meta("a", 3.0), _tensors(3.0))
+    assert store.load_cache("a") is None
+    store.write_record("a", _meta("a", 3.0), _tensors(3.0), cache=states)
+    store.write_record("a", _meta("other", 3.0), _tensors(3.0), overwrite=True, keep_cache=True)
+    assert store.load_cache("a") is None
+    # A truncated, foreign or missing cache file reads as no cache: recomputed by the caller, never an error.
+    store.write_record("b", _meta("b", 1.0), _tensors(1.0), cache=states)
+    path = tmp_path / "store" / "runs" / "b" / CACHE_FILE
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert store.load_cache("b") is None
+    store.write_record("c", _meta("c", 1.0), _tensors(1.0), cache=states)
+    path.write_bytes((tmp_path / "store" / "runs" / "c" / CACHE_FILE).read_bytes())  # c's cache in b's record
+    assert store.load_cache("b") is None
+    path.unlink()
+    assert store.load_cache("b") is None and store.load("b").status == "probing"
+    assert store.load_cache("missing") is None
