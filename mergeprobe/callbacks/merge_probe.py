@@ -277,21 +277,22 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             overwrite=self.overwrite,
             is_main=state.is_world_process_zero,
         )
-        if state.is_world_process_zero:
-            self._start_loading_predictor()
         if state.is_world_process_zero and self.tensorboard:
             from mergeprobe.tracking import MergeabilityLogger, trainer_log_dir
 
             self._logger = MergeabilityLogger(self.log_dir or trainer_log_dir(args.output_dir, started_at=began))
         step = int(state.global_step)
         if step > 0 and self._guard("reading this run's record", self._resume_after_window, model, step):
-            return
-        # Fresh start, or a resume inside the window: (re)start the window here.
-        self.window_done = False
-        self.window_start, self.window_end = step, step + length
-        if state.max_steps and state.max_steps > 0:
-            self.window_end = min(self.window_end, int(state.max_steps))
-        self._probe.begin_window(model, step)
+            pass
+        else:  # Fresh start, or a resume inside the window: (re)start the window here.
+            self.window_done = False
+            self.window_start, self.window_end = step, step + length
+            if state.max_steps and state.max_steps > 0:
+                self.window_end = min(self.window_end, int(state.max_steps))
+            self._probe.begin_window(model, step)
+        # Last: the background load would otherwise compete with the work above for the interpreter.
+        if state.is_world_process_zero:
+            self._start_loading_predictor()
 
     def _resume_after_window(self, model: Any, step: int) -> bool:
         """On resume, reuse this run's stored record instead of recapturing the window."""
