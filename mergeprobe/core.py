@@ -47,13 +47,14 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
 def inner(first: Factors, second: Factors) -> Tensor:
     """Frobenius inner product ``⟨B̂_i A_i, B̂_j A_j⟩_F`` computed in low rank.
 
-    Uses ``sum((B̂_iᵀ B̂_j) ⊙ (A_i A_jᵀ))``: cost ``O((d_out + d_in) r_i r_j)``.
+    Uses ``sum((B̂_iᵀ B̂_j) ⊙ (A_i A_jᵀ))``: cost ``O((d_out + d_in) r_i r_j)``. Leading
+    dimensions are batch dimensions (stacked modules of one shape): the result has them.
     """
     (b_i, a_i), (b_j, a_j) = first, second
     dtype = compute_dtype(b_i, a_i, b_j, a_j)
-    gram_b = b_i.to(dtype).T @ b_j.to(dtype)
-    gram_a = a_i.to(dtype) @ a_j.to(dtype).T
-    return (gram_b * gram_a).sum()
+    gram_b = b_i.to(dtype).mT @ b_j.to(dtype)
+    gram_a = a_i.to(dtype) @ a_j.to(dtype).mT
+    return (gram_b * gram_a).sum((-2, -1))
 
 
 def frobenius_norm(update: Factors) -> Tensor:
@@ -61,15 +62,16 @@ def frobenius_norm(update: Factors) -> Tensor:
     return inner(update, update).clamp_min(0).sqrt()
 
 
-def cosine(first: Factors, second: Factors, eps: float = 1e-12) -> Tensor:
+def cosine(first: Factors, second: Factors, eps: float = 1e-12, norms: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Cosine similarity of two low-rank updates in Frobenius geometry.
 
-    Returns 0 when either update is zero.
+    Returns 0 when either update is zero. Batched like :func:`inner`. ``norms`` are the
+    two updates' :func:`frobenius_norm`, for callers that already have them.
     """
-    norms = frobenius_norm(first) * frobenius_norm(second)
-    if norms <= eps:
-        return torch.zeros((), dtype=norms.dtype)
-    return (inner(first, second) / norms).clamp(-1.0, 1.0)
+    norm_first, norm_second = (frobenius_norm(first), frobenius_norm(second)) if norms is None else norms
+    norms = norm_first * norm_second
+    value = (inner(first, second) / norms).clamp(-1.0, 1.0)
+    return torch.where(norms <= eps, torch.zeros((), dtype=value.dtype), value)
 
 
 def orthonormal_basis(matrix: Tensor) -> Tensor:
@@ -113,6 +115,41 @@ def svd_of_update(update: Factors) -> tuple[Tensor, Tensor, Tensor]:
     return q_b @ u, s, q_a @ vh.T
 
 
+def _stacked(updates: Sequence[Factors]) -> tuple[Tensor, Tensor]:
+    """``B_all = [B̂_1 … B̂_T]`` and ``A_all = [A_1; …; A_T]`` in the compute dtype (leading dimensions: batch).
+
+    ``B_all`` is laid out column by column (a transposed view), as LAPACK's QR reads it.
+    """
+    dtype = compute_dtype(*(t for pair in updates for t in pair))
+    b_all = torch.cat([b.to(dtype).mT for b, _ in updates], dim=-2).mT
+    a_all = torch.cat([a.to(dtype) for _, a in updates], dim=-2)
+    return b_all, a_all
+
+
+def core_triangles(updates: Sequence[Factors]) -> tuple[Tensor, Tensor]:
+    """``(R_B, R_A)``: the triangular factors of :class:`CoreSpace`, without its bases.
+
+    ``B_all = Q_B R_B`` and ``A_allᵀ = Q_A R_A`` (thin QRs; the ``Q`` are not formed).
+    Column block ``t`` of ``R_B`` (of ``R_A``) is ``B̂_t`` (``A_tᵀ``) in the orthonormal
+    coordinates of ``Q_B`` (``Q_A``), so ``ΔW_t = Q_B (R_B[:, cols_t] R_A[:, cols_t]ᵀ) Q_Aᵀ``
+    and every Frobenius inner product, norm, singular value and principal angle of the
+    factors can be computed from these small ``≤ R × R`` matrices instead of the
+    ``d × R`` ones. Leading dimensions are batch dimensions (stacked modules of one
+    shape), all updates with the same.
+
+    Example
+    -------
+    >>> ups = [(torch.randn(6, 2), torch.randn(2, 5)) for _ in range(2)]
+    >>> r_b, r_a = core_triangles(ups)
+    >>> bool(torch.allclose(inner((r_b[:, :2], r_a[:, :2].T), (r_b[:, 2:], r_a[:, 2:].T)), inner(*ups), atol=1e-4))
+    True
+    """
+    if not updates:
+        raise ValueError("core_triangles needs at least one update")
+    b_all, a_all = _stacked(updates)
+    return torch.linalg.qr(b_all, mode="r")[1], torch.linalg.qr(a_all.mT, mode="r")[1]
+
+
 @dataclass(frozen=True)
 class CoreSpace:
     """The shared bases and per-update cores of several low-rank updates of one module.
@@ -148,9 +185,7 @@ class CoreSpace:
         """Build the core space of ``updates`` (a sequence of ``(B̂_t, A_t)``)."""
         if not updates:
             raise ValueError("CoreSpace.from_factors needs at least one update")
-        dtype = compute_dtype(*(t for pair in updates for t in pair))
-        b_all = torch.cat([b.to(dtype) for b, _ in updates], dim=1)
-        a_all = torch.cat([a.to(dtype) for _, a in updates], dim=0)
+        b_all, a_all = _stacked(updates)
         q_b, r_b = torch.linalg.qr(b_all, mode="reduced")
         q_a, r_a = torch.linalg.qr(a_all.T, mode="reduced")
         ranks = tuple(int(b.shape[1]) for b, _ in updates)
@@ -208,10 +243,14 @@ def collision_shares(b_factors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     b_all = torch.cat([b.to(dtype) for b in b_factors], dim=1)
     identity = torch.eye(b_all.shape[1], dtype=b_all.dtype)
     u, s, _ = svd_of_update((b_all, identity))
-    energy = s.square()
-    total = energy.sum()
-    shares = energy / total if total > 0 else torch.zeros_like(energy)
-    return u, shares
+    return u, energy_shares(s)
+
+
+def energy_shares(singular_values: Tensor) -> Tensor:
+    """``σ_j² / Σ_k σ_k²`` over the last dimension; all zeros where every ``σ`` is zero."""
+    energy = singular_values.square()
+    total = energy.sum(-1, keepdim=True)
+    return torch.where(total > 0, energy / total, torch.zeros((), dtype=energy.dtype))
 
 
 def share_entropy(shares: torch.Tensor) -> float:

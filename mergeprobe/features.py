@@ -75,7 +75,9 @@ from mergeprobe.core import (
     Factors,
     collision_shares,
     compute_dtype,
+    core_triangles,
     cosine,
+    energy_shares,
     frobenius_norm,
 )
 from mergeprobe.signals import (
@@ -115,6 +117,8 @@ MODULE_FEATURES = (
 )
 """The per-module pairwise features, in the order they are reported."""
 
+_UPDATE_FEATURES = tuple(name for name in MODULE_FEATURES if name != "gradient_alignment")
+
 DEPTH_THIRDS = ("shallow", "middle", "deep")
 _NORM_EPS = 1e-12
 
@@ -132,14 +136,31 @@ def b_collision_shares(b_factors: Sequence[Tensor]) -> Tensor:
     return collision_shares(b_factors)[1]
 
 
-def _numerical_basis(matrix: Tensor) -> Tensor:
-    """Orthonormal basis of the column space of ``matrix``, numerically rank-revealing (SVD)."""
-    matrix = matrix.to(compute_dtype(matrix))
-    u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
-    if s.numel() == 0 or s[0] <= 0:
-        return u[:, :0]
-    tol = s[0] * max(matrix.shape) * torch.finfo(torch.float32).eps
-    return u[:, : int((s > tol).sum())]
+def _numerical_bases(matrices: Tensor, size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Orthonormal bases of the column spaces of a stack ``[..., m, n]`` of matrices, numerically rank-revealing.
+
+    Returns ``(Q, ranks)``: ``Q`` is ``[..., m, min(m, n)]`` (left singular vectors) with
+    the columns beyond each matrix's own numerical rank set to zero, so that stacked
+    matrices of different ranks share one tensor; ``ranks`` counts the singular values
+    above ``σ_max · size · eps(float32)``, computed in the compute dtype (0 for a zero
+    matrix). ``size`` is ``max(m, n)`` unless given: the larger side of the original
+    matrix when ``matrices`` are its coordinates in an orthonormal basis
+    (:func:`~mergeprobe.core.core_triangles`).
+    """
+    matrices = matrices.to(compute_dtype(matrices))
+    u, s, _ = torch.linalg.svd(matrices, full_matrices=False)
+    size = max(matrices.shape[-2:]) if size is None else size
+    keep = s > s[..., :1] * size * torch.finfo(torch.float32).eps
+    return u * keep.unsqueeze(-2).to(u.dtype), keep.sum(-1)
+
+
+def _subspace_overlaps(first: Tensor, second: Tensor, sizes: tuple[int | None, int | None] = (None, None)) -> Tensor:
+    """:func:`subspace_overlap` of two stacks of matrices, one value per pair (``sizes``: see :func:`_numerical_bases`)."""
+    q_1, rank_1 = _numerical_bases(first, sizes[0])
+    q_2, rank_2 = _numerical_bases(second, sizes[1])
+    rank = torch.minimum(rank_1, rank_2)
+    total = ((q_1.mT @ q_2.to(q_1.dtype)) ** 2).sum((-2, -1))
+    return torch.where(rank > 0, total / rank.clamp_min(1), torch.zeros((), dtype=total.dtype))
 
 
 def subspace_overlap(first: Tensor, second: Tensor) -> float:
@@ -154,19 +175,75 @@ def subspace_overlap(first: Tensor, second: Tensor) -> float:
     >>> round(subspace_overlap(m, m @ torch.randn(3, 3)), 6)
     1.0
     """
-    q_1, q_2 = _numerical_basis(first), _numerical_basis(second)
-    rank = min(q_1.shape[1], q_2.shape[1])
-    if rank == 0:
-        return 0.0
-    return float(((q_1.T @ q_2.to(q_1.dtype)) ** 2).sum() / rank)
+    return float(_subspace_overlaps(first, second))
 
 
-def _sketch_cosine(first: Tensor, second: Tensor) -> float:
-    first, second = first.to(torch.float64), second.to(torch.float64)
-    norms = float(torch.linalg.norm(first) * torch.linalg.norm(second))
-    if norms <= _NORM_EPS:
-        return 0.0
-    return max(-1.0, min(1.0, float((first * second).sum()) / norms))
+def _sketch_cosines(first: Tensor, second: Tensor) -> Tensor:
+    """Frobenius cosines, in float64, of two stacks ``[n, k, k]`` of gradient sketches (0 where either is zero)."""
+    first, second = first.to(torch.float64).flatten(1), second.to(torch.float64).flatten(1)
+    norms = torch.linalg.vector_norm(first, dim=1) * torch.linalg.vector_norm(second, dim=1)
+    value = ((first * second).sum(1) / norms).clamp(-1.0, 1.0)
+    return torch.where(norms <= _NORM_EPS, torch.zeros((), dtype=value.dtype), value)
+
+
+def _symmetric_cosines(update_a: Factors, update_b: Factors, norm_a: Tensor, norm_b: Tensor) -> Tensor:
+    """:func:`~mergeprobe.core.cosine` of two stacks of updates, the same in either order to the last bit.
+
+    The Frobenius inner product sums its terms in an order that depends on which update
+    comes first, so ``cosine(a, b)`` and ``cosine(b, a)`` differ by float round-off,
+    which relative to a near-zero cosine can be large; the mean of both orders is
+    symmetric exactly. ``norm_a``, ``norm_b``: the stacks'
+    :func:`~mergeprobe.core.frobenius_norm`.
+    """
+    return (cosine(update_a, update_b, norms=(norm_a, norm_b)) + cosine(update_b, update_a, norms=(norm_b, norm_a))) / 2
+
+
+def _stacked_pair_features(update_a: Factors, update_b: Factors) -> dict[str, list[float]]:
+    """The update features of :func:`module_pair_features` for stacks ``[n, d_out, r]`` / ``[n, r, d_in]``.
+
+    One batched computation per stack of same-shape modules (what makes
+    :func:`pairwise_features` fast). The norms and the cosine are
+    :func:`~mergeprobe.core.frobenius_norm` and :func:`_symmetric_cosines` of the
+    stacks. The rest comes from the small triangular factors of the pair's core space
+    (:func:`~mergeprobe.core.core_triangles`), ``[B̂_a B̂_b]`` and ``[A_aᵀ A_bᵀ]`` each
+    factored once: the collision shares (the singular values of ``R_B`` are those of
+    ``[B̂_a B̂_b]``) and the subspace overlaps (of the column blocks of ``R_B`` and
+    ``R_A``, with the numerical-rank tolerance of the original ``d × r`` factors), in
+    ``O(r³)`` per module instead of SVDs of the ``d × r`` factors.
+    ``log_norm_ratio`` is left to the caller, which gets the norms as ``norm_a`` and ``norm_b``.
+    """
+    (b_a, a_a), (b_b, _) = update_a, update_b
+    rank_a, rank_b = b_a.shape[-1], b_b.shape[-1]
+    r_b, r_a = core_triangles([update_a, update_b])
+    shares = energy_shares(torch.linalg.svdvals(r_b))
+    columns = shares.shape[-1]
+    if columns:
+        top = shares.max(-1).values
+    else:
+        top = torch.zeros(shares.shape[:-1], dtype=shares.dtype)
+    if columns > 1:
+        entropy = -torch.xlogy(shares, shares).sum(-1) / math.log(columns)
+        entropy = torch.where(shares.sum(-1) > 0, entropy, torch.zeros((), dtype=entropy.dtype))
+    else:
+        entropy = torch.zeros(shares.shape[:-1], dtype=shares.dtype)
+    d_out, d_in = b_a.shape[-2], a_a.shape[-1]
+    # The norms and the cosine from the factors themselves, not from their coordinates, whose round-off depends on
+    # the order of the pair: log_norm_ratio and update_alignment are symmetric in (a, b) to the last bit.
+    norm_a, norm_b = frobenius_norm(update_a), frobenius_norm(update_b)
+    values = {
+        "norm_a": norm_a,
+        "norm_b": norm_b,
+        "update_alignment": _symmetric_cosines(update_a, update_b, norm_a, norm_b),
+        "b_crowding_top": top,
+        "b_crowding_entropy": entropy,
+        "a_overlap": _subspace_overlaps(r_a[..., :rank_a], r_a[..., rank_a:], (max(d_in, rank_a), max(d_in, rank_b))),
+        "b_overlap": _subspace_overlaps(r_b[..., :rank_a], r_b[..., rank_a:], (max(d_out, rank_a), max(d_out, rank_b))),
+    }
+    return {name: value.tolist() for name, value in values.items()}
+
+
+def _log_norm_ratio(norm_a: float, norm_b: float) -> float:
+    return abs(math.log((norm_a + _NORM_EPS) / (norm_b + _NORM_EPS)))
 
 
 def module_pair_features(
@@ -178,6 +255,7 @@ def module_pair_features(
     """The per-module features of one module shared by two runs (see the module docstring).
 
     ``gradient_alignment`` is present only when both sketches are given.
+    :func:`per_module_features` computes the same for every shared module at once.
 
     Example
     -------
@@ -186,24 +264,64 @@ def module_pair_features(
     >>> round(f["update_alignment"], 4), round(f["log_norm_ratio"], 4), round(f["b_overlap"], 4)
     (-1.0, 0.0, 1.0)
     """
-    (b_a, a_a), (b_b, a_b) = update_a, update_b
-    norm_a, norm_b = float(frobenius_norm(update_a)), float(frobenius_norm(update_b))
-    shares = b_collision_shares([b_a, b_b])
-    entropy = 0.0
-    if shares.numel() > 1 and float(shares.sum()) > 0:
-        positive = shares[shares > 0]
-        entropy = float(-(positive * positive.log()).sum() / math.log(shares.numel()))
-    features = {
-        "update_alignment": float(cosine(update_a, update_b)),
-        "log_norm_ratio": abs(math.log((norm_a + _NORM_EPS) / (norm_b + _NORM_EPS))),
-        "b_crowding_top": float(shares.max()) if shares.numel() else 0.0,
-        "b_crowding_entropy": entropy,
-        "a_overlap": subspace_overlap(a_a.T, a_b.T),
-        "b_overlap": subspace_overlap(b_a, b_b),
-    }
+    single = [(b[None], a[None]) for b, a in (update_a, update_b)]  # a stack of one module
+    row = {name: values[0] for name, values in _stacked_pair_features(*single).items()}
+    row["log_norm_ratio"] = _log_norm_ratio(row["norm_a"], row["norm_b"])
+    features = {name: row[name] for name in _UPDATE_FEATURES}
     if gradient_a is not None and gradient_b is not None:
-        features["gradient_alignment"] = _sketch_cosine(gradient_a, gradient_b)
+        features["gradient_alignment"] = float(_sketch_cosines(gradient_a[None], gradient_b[None])[0])
     return features
+
+
+def _signature(*tensors: Tensor) -> tuple[Any, ...]:
+    return tuple((t.shape, t.dtype, t.device) for t in tensors)
+
+
+def _update_groups(a: RunSignals, b: RunSignals, keys: Sequence[str]) -> list[tuple[list[int], Factors, Factors]]:
+    """The shared modules ``keys`` in stacks of one shape and dtype: ``(indices into keys, stacked a, stacked b)``."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(_signature(*a.update[key], *b.update[key]), []).append(i)
+    out = []
+    for indices in groups.values():
+        # B̂ stacked as B̂ᵀ (contiguous along d_out) and viewed back: the Gram products of the norms read it faster
+        b_a, b_b = (torch.stack([run.update[keys[i]][0].mT for i in indices]).mT for run in (a, b))
+        a_a, a_b = (torch.stack([run.update[keys[i]][1] for i in indices]) for run in (a, b))
+        out.append((indices, (b_a, a_a), (b_b, a_b)))
+    return out
+
+
+def _gradient_alignments(a: RunSignals, b: RunSignals, keys: Sequence[str]) -> list[float | None]:
+    """The sketch cosine of each of ``keys`` (``None`` where either run has no sketch), batched by shape."""
+    out: list[float | None] = [None] * len(keys)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, key in enumerate(keys):
+        if key in a.gradient and key in b.gradient:
+            groups.setdefault(_signature(a.gradient[key], b.gradient[key]), []).append(i)
+    for indices in groups.values():
+        values = _sketch_cosines(*(torch.stack([run.gradient[keys[i]] for i in indices]) for run in (a, b)))
+        for i, value in zip(indices, values.tolist()):
+            out[i] = value
+    return out
+
+
+def _module_columns(a: RunSignals, b: RunSignals) -> tuple[list[str], dict[str, list[float | None]]]:
+    """The shared module keys (sorted) and, per feature of ``MODULE_FEATURES``, its value for each key.
+
+    Modules of one shape are computed together (:func:`_stacked_pair_features`); a
+    ``gradient_alignment`` is ``None`` where either run has no sketch of the module.
+    """
+    _check_sketches(a, b)
+    keys = sorted(set(a.update) & set(b.update))
+    columns: dict[str, list[Any]] = {name: [None] * len(keys) for name in MODULE_FEATURES}
+    for indices, stack_a, stack_b in _update_groups(a, b, keys):
+        values = _stacked_pair_features(stack_a, stack_b)
+        values["log_norm_ratio"] = [_log_norm_ratio(x, y) for x, y in zip(values["norm_a"], values["norm_b"])]
+        for name in _UPDATE_FEATURES:
+            for i, value in zip(indices, values[name]):
+                columns[name][i] = value
+    columns["gradient_alignment"] = _gradient_alignments(a, b, keys)
+    return keys, columns
 
 
 def _finite(value: float) -> float:
@@ -218,31 +336,36 @@ def _depth_third(layer: int, num_layers: int) -> str:
     return DEPTH_THIRDS[min(2, (3 * layer) // max(num_layers, 1))]
 
 
-def _summarise(name: str, values: Mapping[str, float], all_keys: Sequence[str]) -> dict[str, float]:
-    """Mean/max/min, depth-third and per-kind summaries of one per-module feature.
+def _summarise(columns: Mapping[str, Sequence[float | None]], all_keys: Sequence[str]) -> dict[str, float]:
+    """Mean/max/min, depth-third and per-kind summaries of each per-module feature.
 
-    The group names come from ``all_keys`` (every shared module), so every pair of
-    runs on the same modules gets the same feature names even when a feature is
-    missing for some modules.
+    ``columns`` holds, per feature, one value for each of ``all_keys`` (every shared
+    module), ``None`` where the feature is missing. The group names come from
+    ``all_keys``, so every pair of runs on the same modules gets the same feature names
+    even when a feature is missing for some modules.
     """
     layers = [module_layer(k) for k in all_keys]
+    kinds = [module_kind(k) for k in all_keys]
     num_layers = max((l for l in layers if l is not None), default=-1) + 1
-    kinds = sorted({module_kind(k) for k in all_keys})
-    groups: dict[str, list[float]] = {g: [] for g in (*DEPTH_THIRDS, *kinds)}
-    for key, value in values.items():
-        layer = module_layer(key)
-        if layer is not None:
-            groups[_depth_third(layer, num_layers)].append(value)
-        groups[module_kind(key)].append(value)
-    all_values = list(values.values())
-    overall = _mean(all_values) if all_values else 0.0
-    out = {
-        f"{name}.mean": overall,
-        f"{name}.max": max(all_values, default=0.0),
-        f"{name}.min": min(all_values, default=0.0),
-    }
-    for group, members in groups.items():
-        out[f"{name}.{group}"] = _mean(members) if members else overall
+    thirds = [None if l is None else _depth_third(l, num_layers) for l in layers]
+    group_names = (*DEPTH_THIRDS, *sorted(set(kinds)))
+    out: dict[str, float] = {}
+    for name, column in columns.items():
+        groups: dict[str, list[float]] = {g: [] for g in group_names}
+        all_values = []
+        for value, third, kind in zip(column, thirds, kinds):
+            if value is None:
+                continue
+            all_values.append(value)
+            if third is not None:
+                groups[third].append(value)
+            groups[kind].append(value)
+        overall = _mean(all_values) if all_values else 0.0
+        out[f"{name}.mean"] = overall
+        out[f"{name}.max"] = max(all_values, default=0.0)
+        out[f"{name}.min"] = min(all_values, default=0.0)
+        for group, members in groups.items():
+            out[f"{name}.{group}"] = _mean(members) if members else overall
     return out
 
 
@@ -257,17 +380,19 @@ def _check_sketches(a: RunSignals, b: RunSignals) -> None:
 def per_module_features(a: RunSignals, b: RunSignals) -> dict[str, dict[str, float]]:
     """Module key → :func:`module_pair_features` for every module both runs updated.
 
+    Computed in batches of same-shape modules, equal to :func:`module_pair_features`
+    module by module up to float round-off.
+
     Example
     -------
     >>> table = per_module_features(run_a, run_b)  # doctest: +SKIP
     >>> table["base_model.model.model.layers.0.self_attn.q_proj"]["update_alignment"]  # doctest: +SKIP
     0.12
     """
-    _check_sketches(a, b)
-    shared = sorted(set(a.update) & set(b.update))
+    keys, columns = _module_columns(a, b)
     return {
-        key: module_pair_features(a.update[key], b.update[key], a.gradient.get(key), b.gradient.get(key))
-        for key in shared
+        key: {name: columns[name][i] for name in MODULE_FEATURES if columns[name][i] is not None}
+        for i, key in enumerate(keys)
     }
 
 
@@ -300,12 +425,8 @@ def pairwise_features(a: RunSignals, b: RunSignals, cross: Mapping[str, Any] | N
     >>> features["update_alignment.deep"], features["cross_disturbance.mean"]  # doctest: +SKIP
     (0.03, 0.002)
     """
-    table = per_module_features(a, b)
-    keys = list(table)
-    features: dict[str, float] = {}
-    for name in MODULE_FEATURES:
-        values = {key: row[name] for key, row in table.items() if name in row}
-        features.update(_summarise(name, values, keys))
+    keys, columns = _module_columns(a, b)
+    features = _summarise(columns, keys)
     features.update(_layer_summary("self_disturbance", a.disturbance, b.disturbance))
     features.update(_layer_summary("self_relative_change", a.relative_change, b.relative_change))
     for name, value in (cross or {}).items():
@@ -434,16 +555,20 @@ def alignment_profile(a: RunSignals, b: RunSignals, signal: str = "update") -> t
         raise ValueError(f"alignment_profile: signal must be 'update' or 'gradient', got {signal!r}")
     _check_sketches(a, b)
     cells: dict[tuple[int, str], list[float]] = {}
-    # Only the one feature drawn, computed as module_pair_features computes it (not the subspace SVDs of the others).
-    for key in sorted(set(a.update) & set(b.update)):
+    # Only the one feature drawn, computed as per_module_features computes it, in the same batches (not the
+    # subspace SVDs of the others).
+    keys = sorted(set(a.update) & set(b.update))
+    if signal == "update":
+        values: list[float | None] = [None] * len(keys)
+        for indices, stack_a, stack_b in _update_groups(a, b, keys):
+            norms = frobenius_norm(stack_a), frobenius_norm(stack_b)
+            for i, value in zip(indices, _symmetric_cosines(stack_a, stack_b, *norms).tolist()):
+                values[i] = value
+    else:
+        values = _gradient_alignments(a, b, keys)
+    for key, value in zip(keys, values):
         layer = module_layer(key)
-        if layer is None:
-            continue
-        if signal == "update":
-            value = float(cosine(a.update[key], b.update[key]))
-        elif key in a.gradient and key in b.gradient:
-            value = _sketch_cosine(a.gradient[key], b.gradient[key])
-        else:
+        if layer is None or value is None:
             continue
         cells.setdefault((layer, module_kind(key)), []).append(value)
     layers = sorted({layer for layer, _ in cells})

@@ -252,3 +252,143 @@ def test_member_features_in_a_set_average_over_partners():
         member_features(runs[0], runs[1:], cross_all, ("0", ("1",)))
     with pytest.raises(ValueError, match="at least one partner"):
         member_features(runs[0], [], None)
+
+
+# --- The batched fast path against the per-module computation it replaced ---------------------------------------------
+
+
+def _reference_basis(matrix: torch.Tensor) -> torch.Tensor:
+    """The former per-matrix ``_numerical_basis``: SVD in the compute dtype, float32-level rank tolerance."""
+    matrix = matrix.to(torch.float64 if matrix.dtype == torch.float64 else torch.float32)
+    u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
+    if s.numel() == 0 or s[0] <= 0:
+        return u[:, :0]
+    return u[:, : int((s > s[0] * max(matrix.shape) * torch.finfo(torch.float32).eps).sum())]
+
+
+def _reference_overlap(first: torch.Tensor, second: torch.Tensor) -> float:
+    q_1, q_2 = _reference_basis(first), _reference_basis(second)
+    rank = min(q_1.shape[1], q_2.shape[1])
+    return 0.0 if rank == 0 else float(((q_1.T @ q_2.to(q_1.dtype)) ** 2).sum() / rank)
+
+
+def _reference_module_features(update_a, update_b, gradient_a=None, gradient_b=None) -> dict[str, float]:
+    """One module at a time, the way module_pair_features computed it before batching (dense ΔW: small shapes only)."""
+    (b_a, a_a), (b_b, a_b) = update_a, update_b
+    dtype = torch.float64 if torch.float64 in (b_a.dtype, a_a.dtype, b_b.dtype, a_b.dtype) else torch.float32
+    dense_a, dense_b = b_a.to(dtype) @ a_a.to(dtype), b_b.to(dtype) @ a_b.to(dtype)
+    norm_a, norm_b = float(torch.linalg.norm(dense_a)), float(torch.linalg.norm(dense_b))
+    cosine = 0.0 if norm_a * norm_b <= 1e-12 else max(-1.0, min(1.0, float((dense_a * dense_b).sum()) / (norm_a * norm_b)))
+    s = torch.linalg.svdvals(torch.cat([b_a.to(dtype), b_b.to(dtype)], dim=1))
+    shares = s**2 / (s**2).sum() if float((s**2).sum()) > 0 else torch.zeros_like(s)
+    positive = shares[shares > 0]
+    entropy = float(-(positive * positive.log()).sum() / math.log(len(shares))) if len(positive) and len(shares) > 1 else 0.0
+    features = {
+        "update_alignment": cosine,
+        "log_norm_ratio": abs(math.log((norm_a + 1e-12) / (norm_b + 1e-12))),
+        "b_crowding_top": float(shares.max()),
+        "b_crowding_entropy": entropy,
+        "a_overlap": _reference_overlap(a_a.T, a_b.T),
+        "b_overlap": _reference_overlap(b_a, b_b),
+    }
+    if gradient_a is not None and gradient_b is not None:
+        g_a, g_b = gradient_a.double(), gradient_b.double()
+        norms = float(torch.linalg.norm(g_a) * torch.linalg.norm(g_b))
+        features["gradient_alignment"] = 0.0 if norms <= 1e-12 else max(-1.0, min(1.0, float((g_a * g_b).sum()) / norms))
+    return features
+
+
+def _reference_summaries(table: dict[str, dict[str, float]]) -> dict[str, float]:
+    keys = list(table)
+    num_layers = max(module_layer(k) for k in keys) + 1
+    third = {k: ("shallow", "middle", "deep")[min(2, 3 * module_layer(k) // num_layers)] for k in keys}
+    out = {}
+    for name in MODULE_FEATURES:
+        values = {k: row[name] for k, row in table.items() if name in row}
+        mean = sum(values.values()) / len(values)
+        out |= {f"{name}.mean": mean, f"{name}.max": max(values.values()), f"{name}.min": min(values.values())}
+        for group in ("shallow", "middle", "deep", *sorted({module_kind(k) for k in keys})):
+            members = [v for k, v in values.items() if group in (third[k], module_kind(k))]
+            out[f"{name}.{group}"] = sum(members) / len(members) if members else mean
+    return out
+
+
+def _mixed_runs(dtype_b: torch.dtype = torch.float32) -> tuple[RunSignals, RunSignals]:
+    """Two runs on modules of mixed shapes and ranks, with the edge cases the batched path must get right."""
+    g = torch.Generator().manual_seed(7)
+    shapes = {"self_attn.q_proj": (12, 12), "self_attn.k_proj": (6, 12), "mlp.up_proj": (20, 12), "mlp.down_proj": (12, 20)}
+    runs = []
+    for run, (rank, dtype) in enumerate(((4, torch.float32), (8, dtype_b))):
+        update, gradient = {}, {}
+        for layer in range(4):
+            for name, (d_out, d_in) in shapes.items():
+                key = f"base_model.model.model.layers.{layer}.{name}"
+                r = rank if (layer + run) % 2 else 4  # rank 4 against rank 8 (a 2r update) in half the modules
+                b, a = torch.randn(d_out, r, generator=g) * 0.1, torch.randn(r, d_in, generator=g)
+                if (run, layer, name) == (0, 1, "self_attn.q_proj"):
+                    b = torch.zeros_like(b)  # a module not updated in one run
+                if layer == 2 and name == "mlp.up_proj":
+                    b = torch.zeros_like(b)  # ... nor in the other
+                if (run, layer) == (1, 2):
+                    b[:, 1] = 2 * b[:, 0]  # rank-deficient B
+                    a[2] = a[0] - a[1]  # rank-deficient A
+                update[key] = (b.to(dtype), a.to(dtype))
+                if (run, layer, name) != (1, 0, "mlp.down_proj"):  # one module without a sketch
+                    gradient[key] = torch.randn(K, K, generator=g) * (0.0 if layer == 3 and name == "mlp.up_proj" else 1.0)
+        only = f"base_model.model.model.layers.0.self_attn.{'v' if run else 'o'}_proj"  # in one run only: excluded
+        update[only] = (torch.randn(12, 4, generator=g), torch.randn(4, 12, generator=g))
+        ids = torch.ones(1, 4, dtype=torch.long)
+        runs.append(RunSignals(update, update, gradient, torch.rand(3, generator=g), torch.rand(3, generator=g), ids, ids, K, 0))
+    return runs[0], runs[1]
+
+
+@pytest.mark.parametrize("dtype_b", [torch.float32, torch.float64])
+def test_batched_features_equal_the_per_module_computation(dtype_b):
+    a, b = _mixed_runs(dtype_b)
+    shared = sorted(set(a.update) & set(b.update))
+    reference = {k: _reference_module_features(a.update[k], b.update[k], a.gradient.get(k), b.gradient.get(k)) for k in shared}
+    table = per_module_features(a, b)
+    assert list(table) == shared and len(shared) == 16
+    for key, expected in reference.items():
+        assert list(table[key]) == list(expected), key  # names, order, gradient_alignment only where both sketches are
+        single = module_pair_features(a.update[key], b.update[key], a.gradient.get(key), b.gradient.get(key))
+        for name, value in expected.items():
+            assert table[key][name] == pytest.approx(value, abs=1e-6), (key, name)
+            assert single[name] == pytest.approx(value, abs=1e-6), (key, name)
+    # the edge cases are in there: zero updates, rank-deficient factors, ranks 4 against 8
+    zero = "base_model.model.model.layers.2.mlp.up_proj"
+    assert table[zero]["update_alignment"] == 0.0 and table[zero]["b_overlap"] == 0.0 and table[zero]["b_crowding_top"] == 0.0
+    one_zero = "base_model.model.model.layers.1.self_attn.q_proj"
+    assert table[one_zero]["update_alignment"] == 0.0 and table[one_zero]["b_overlap"] == 0.0
+    assert table[one_zero]["log_norm_ratio"] > 10
+    deficient, narrow = "base_model.model.model.layers.2.self_attn.q_proj", "base_model.model.model.layers.2.self_attn.k_proj"
+    assert b.update[deficient][0].shape[1] == 8 and _reference_basis(b.update[deficient][0]).shape[1] == 7
+    assert _reference_basis(b.update[deficient][1].T).shape[1] == 7
+    assert b.update[narrow][0].shape == (6, 8)  # d_out = 6 < 4 + 8 stacked columns
+    assert table["base_model.model.model.layers.0.mlp.down_proj"].keys() == set(MODULE_FEATURES) - {"gradient_alignment"}
+    # and the summaries are the same means, maxima and minima of those values
+    features = pairwise_features(a, b)
+    expected = _reference_summaries(reference)
+    assert [k for k in features if not k.startswith("self_")] == sorted(expected)
+    for name, value in expected.items():
+        assert features[name] == pytest.approx(value, abs=1e-6), name
+    profile_layers, kinds, matrix = alignment_profile(a, b)
+    for key, row in table.items():
+        cell = matrix[profile_layers.index(module_layer(key)), kinds.index(module_kind(key))]
+        assert float(cell) == float(torch.tensor(row["update_alignment"], dtype=torch.float32))
+
+
+def test_numerical_ranks_use_the_tolerance_of_the_original_factor():
+    # σ_4 / σ_1 = 1.6e-6 of B (20 × 4) lies between the float32-level tolerances of B itself (20 eps ≈ 2.4e-6) and of
+    # its 8 × 4 block of core-space coordinates (8 eps ≈ 9.5e-7): the direction is dropped, as it was for B itself.
+    g = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(20, 7, generator=g, dtype=torch.float64))[0]
+    u, w = basis[:, :4], basis[:, 4:]
+    v = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]
+    b = ((u * torch.tensor([1.0, 0.5, 0.3, 1.6e-6], dtype=torch.float64)) @ v.T).float()
+    other = torch.cat([u[:, 3:], w], dim=1).float()  # B's dropped direction and three orthogonal to all of B
+    a = torch.randn(4, 12, generator=g)
+    assert _reference_basis(b).shape[1] == 3
+    assert _reference_overlap(b, other) == pytest.approx(0.0, abs=1e-6)  # 0.25 if the 4th direction were kept
+    assert module_pair_features((b, a), (other, a))["b_overlap"] == pytest.approx(0.0, abs=1e-6)
+    assert subspace_overlap(b, other) == pytest.approx(0.0, abs=1e-6)
