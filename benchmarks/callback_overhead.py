@@ -724,11 +724,13 @@ def result_notes(results: list[dict[str, Any]], threads: int) -> list[str]:
         (f"torch runs {threads} thread(s) per process (--threads): on this shared 2-core machine two threads per process stall for seconds "
          "when other jobs hold a core. Wall time is what the targets are about; the CPU-time column is the same comparison in process CPU "
          "time (time.process_time), which the machine's other jobs disturb less."),
-        ("In the window = summed step times of the window's steps before its last one (gradient-sketch hooks, probe-batch collection). The "
+        ("In the window = summed step times of the window's steps before its last one (gradient-sketch hooks, probe-batch collection, "
+         "and the retention predictor loading in a background thread, which competes with training for the interpreter). The "
          "window-end step carries the one-off cost: hidden states of the 16-sequence probe batch with the adapter off and on (2 forward "
-         "passes of the probe batch), the record write, cross-disturbance against each stored run (base + update on the stored run's "
-         "batch, base + merged update on both runs' batches: 3 passes per stored run; this run's own states are the adapted states of its "
-         "self-disturbance, computed once) and the TensorBoard heatmaps."),
+         "passes of the probe batch), the record write (with those adapted states, this run's own states, as the record's cache), "
+         "cross-disturbance against each stored run (base + merged update on both runs' batches: 2 passes per stored run; the stored "
+         "run's own states come from its record's cache, this run's are the adapted states of its self-disturbance) and the TensorBoard "
+         "heatmaps."),
         ("Outside the window: 'median' is the median over steps of the per-step ratio with/without (steps without tracking) — the steady "
          "state, as an A/B comparison of two processes, whose noise on this shared machine is about ±1.5 % for one pair of the default "
          "model (the same benchmark gave −1.4 % and +1.2 % on two occasions); 'direct' is the callback's own on_step_end time on those "
