@@ -80,9 +80,11 @@ def main() -> None:
         sketches = [name for name in record.tensors if name.startswith("gradient.")]
         print(f"world size {world_size}: run {task.name!r} {record.status}, {len(sketches)} gradient sketches "
               f"all-reduced over the ranks, adapter at {record.adapter_path}")
-    # Tear the process group down before exit: left to the interpreter's shutdown, gloo can abort a rank
-    # ("terminate called without an active exception") after all the work is done.
+    # Tear the process group down before exit, once every rank's collectives are done: left to the interpreter's
+    # shutdown, gloo can abort a rank ("terminate called without an active exception"), and torn down while its
+    # worker threads still release the last all-gather's tensors, it can deadlock.
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

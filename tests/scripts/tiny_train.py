@@ -120,7 +120,8 @@ def main() -> None:
     train(options.store, options.run_name, options.output_dir, options.seed, options.max_steps,
           report_to=[r for r in options.report_to.split(",") if r], **json.loads(options.train_kwargs),
           **json.loads(options.callback_kwargs))
-    if torch.distributed.is_initialized():  # gloo can abort a rank at exit if left to interpreter shutdown
+    if torch.distributed.is_initialized():  # as in examples/ddp_torchrun.py: gloo can abort or hang at interpreter shutdown
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
