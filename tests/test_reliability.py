@@ -481,7 +481,7 @@ def test_store_failure_with_warn_lets_training_finish(tmp_path: Path, monkeypatc
 
     def failing_write(path: Path, data: bytes) -> None:
         writes["count"] += 1
-        if fails_at == "window_end" or writes["count"] > 2:  # window end writes signals + meta; the final write fails
+        if fails_at == "window_end" or writes["count"] > 3:  # window end writes signals, cache (own states), meta; the final write fails
             raise OSError(code, os.strerror(code), str(path))
         real_write(path, data)
 
@@ -606,6 +606,7 @@ EXPECTED_TO_DIFFER = {
     "created",  # when the record was first written
     "updated",  # when it was last written
     "write_id",  # a fresh id per write
+    "cache_id",  # a fresh id per cache written (the window end's)
     "pid",  # the process that wrote it last
 }
 
@@ -633,6 +634,11 @@ def test_run_resumed_after_kill_stores_the_same_record(tmp_path: Path) -> None:
 
     for key, tensor in expected.tensors.items():
         torch.testing.assert_close(got.tensors[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+    # The cached own states were written at the window end, before the kill, and carried through the resumed run's rewrite.
+    cache_expected, cache_got = ProbeStore(plain / "store").load_cache("resumed"), ProbeStore(crashed / "store").load_cache("resumed")
+    assert cache_got is not None and sorted(cache_got) == sorted(cache_expected)
+    for key, tensor in cache_expected.items():
+        torch.testing.assert_close(cache_got[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
     final_expected, final_got = load_adapter(expected.adapter_path), load_adapter(got.adapter_path)
     assert final_got.modules.keys() == final_expected.modules.keys()
     for key in final_expected.modules:
