@@ -68,7 +68,8 @@ def test_the_shipped_predictor_loads_in_the_background_and_predicts_at_the_windo
     from mergeprobe.predictor import MergeProbe
 
     store = str(tmp_path / "store")
-    train(store, "first", str(tmp_path / "first"), seed=0, predictor="default")
+    _, first = train(store, "first", str(tmp_path / "first"), seed=0, predictor="default")
+    assert first._probe.predictor is None and first._predictor_deferred  # alone in the store: nothing to predict, not loaded
     _, callback = train(store, "second", str(tmp_path / "second"), seed=1, predictor="default")
     assert callback._predictor_loading is None  # handed over, no thread left pending
     assert isinstance(callback._probe.predictor, MergeProbe)
@@ -81,6 +82,31 @@ def test_an_unreadable_predictor_path_warns_and_the_run_trains_on(tmp_path):
     import pytest
 
     (tmp_path / "bad.skops").write_text("not a skops file")
+    train(str(tmp_path / "store"), "first", str(tmp_path / "first"), predictor=None)
     with pytest.warns(UserWarning, match="no retention predictor"):
         _, callback = train(str(tmp_path / "store"), "only", str(tmp_path / "only"), predictor=str(tmp_path / "bad.skops"))
     assert callback._probe.predictor is None and callback.window_done
+
+
+def test_a_run_alone_in_the_store_loads_the_predictor_when_another_run_appears(tmp_path, monkeypatch):
+    # The first run defers loading; a run that reaches the store while it trains makes its next tracking step load the
+    # predictor and predict against it.
+    from mergeprobe.callbacks import MergeProbeCallback
+    from mergeprobe.predictor import MergeProbe
+
+    store = str(tmp_path / "store")
+    loads = []
+    original = MergeProbeCallback._load_predictor
+    monkeypatch.setattr(MergeProbeCallback, "_load_predictor", lambda self: loads.append(self.run_name) or original(self))
+    original_track = MergeProbeCallback.on_step_end
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.run_name == "early" and state.global_step == 6:  # after its window: another run finishes its own
+            train(store, "late", str(tmp_path / "late"), seed=1, max_steps=8, predictor=None)
+        return original_track(self, args, state, control, model=model, **kwargs)
+
+    monkeypatch.setattr(MergeProbeCallback, "on_step_end", on_step_end)
+    _, callback = train(store, "early", str(tmp_path / "early"), seed=0, max_steps=12, predictor="default")
+    assert loads == ["early"] and isinstance(callback._probe.predictor, MergeProbe)
+    assert callback._probe.comparisons["late"].predicted_retention is not None
+

@@ -157,6 +157,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self.disabled = False
         self._probe: ProbeRun | None = None
         self._predictor_loading: Future | None = None
+        self._predictor_deferred = False
         self._logger: Any = None
         self._tracked_step: int | None = None  # the step of the last tracking measurement
         self.decision: Any = None
@@ -227,9 +228,30 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         elif self._probe is not None:
             self._probe.predictor = self.predictor
 
+    def _store_has_other_runs(self) -> bool:
+        """Whether the store holds any run but this one (a predictor has something to predict)."""
+        from mergeprobe.store import IncompleteRecordWarning
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", IncompleteRecordWarning)  # the probe reports those when it reads them
+                return any(name != self.run_name for name in self.store.runs())
+        except StoreError:
+            return True  # load as usual; the probe reports the store's trouble itself
+
     def _predictor_ready(self) -> None:
-        """Hand the loaded predictor to the probe (waiting for the background load if needed)."""
-        if self._predictor_loading is not None and self._probe is not None:
+        """Hand the predictor to the probe, once there is another run to predict against.
+
+        A predictor deferred at train begin (the store held no other run) starts loading
+        here when one has appeared, and this waits for it; otherwise it waits for the
+        background load started at train begin, if that has not finished.
+        """
+        if self._probe is None:
+            return
+        if self._predictor_deferred and self._store_has_other_runs():
+            self._predictor_deferred = False
+            self._start_loading_predictor()
+        if self._predictor_loading is not None:
             self._probe.predictor = self._predictor_loading.result()
             self._predictor_loading = None
 
@@ -290,9 +312,13 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             if state.max_steps and state.max_steps > 0:
                 self.window_end = min(self.window_end, int(state.max_steps))
             self._probe.begin_window(model, step)
-        # Last: the background load would otherwise compete with the work above for the interpreter.
+        # Last: the background load would otherwise compete with the work above for the interpreter. The first run of
+        # a store has nothing to predict against: it loads the predictor only if another run appears (_predictor_ready).
         if state.is_world_process_zero:
-            self._start_loading_predictor()
+            if isinstance(self.predictor, str) and not self._store_has_other_runs():
+                self._predictor_deferred = True
+            else:
+                self._start_loading_predictor()
 
     def _resume_after_window(self, model: Any, step: int) -> bool:
         """On resume, reuse this run's stored record instead of recapturing the window."""
