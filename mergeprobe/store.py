@@ -850,16 +850,22 @@ class ProbeStore:
         True
         """
         name = check_name(run_name)
-        folder = self._runs / name
         try:
-            meta, _ = self._read_settled(folder, name, load_tensors=False)
-            cache_id = meta.get("cache_id")
-            if not isinstance(cache_id, str):
-                return None
-            data = (folder / CACHE_FILE).read_bytes()
+            meta, _ = self._read_settled(self._runs / name, name, load_tensors=False)
+        except (_Unreadable, SchemaVersionError):
+            return None
+        return self._cache_of(name, meta)
+
+    def _cache_of(self, name: str, meta: Mapping[str, Any]) -> dict[str, Tensor] | None:
+        """:meth:`load_cache` for a record whose ``meta`` the caller has read."""
+        cache_id = meta.get("cache_id")
+        if not isinstance(cache_id, str):
+            return None
+        try:
+            data = (self._runs / name / CACHE_FILE).read_bytes()
             if _safetensors_metadata(data, len(data)).get("write_id") != cache_id:
                 return None  # the record was rewritten between the two reads; the caller recomputes
-        except (_Unreadable, SchemaVersionError, OSError):
+        except (_Unreadable, OSError):
             return None
         from safetensors.torch import load
 
@@ -1021,9 +1027,12 @@ class ProbeStore:
         fingerprint = base_model_identity(model)["fingerprint"]
         own: dict[int, Any] = {}
         for name, signals in runs.items():
-            meta, _ = self._read_settled(self._runs / name, name, load_tensors=False)
+            try:
+                meta, _ = self._read_settled(self._runs / name, name, load_tensors=False)
+            except (_Unreadable, SchemaVersionError):
+                continue  # rewritten or removed since its signals were loaded: recompute its states
             if meta.get("base_fingerprint") == fingerprint:
-                states = own_states_from_cache(self.load_cache(name), signals)
+                states = own_states_from_cache(self._cache_of(name, meta), signals)
                 if states is not None:
                     own[id(signals)] = states
         a, b = runs.values()

@@ -304,9 +304,8 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
 
             self._logger = MergeabilityLogger(self.log_dir or trainer_log_dir(args.output_dir, started_at=began))
         step = int(state.global_step)
-        if step > 0 and self._guard("reading this run's record", self._resume_after_window, model, step):
-            pass
-        else:  # Fresh start, or a resume inside the window: (re)start the window here.
+        resumed_after_window = step > 0 and self._guard("reading this run's record", self._resume_after_window, model, step)
+        if not resumed_after_window:  # Fresh start, or a resume inside the window: (re)start the window here.
             self.window_done = False
             self.window_start, self.window_end = step, step + length
             if state.max_steps and state.max_steps > 0:
