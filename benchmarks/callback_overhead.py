@@ -288,6 +288,16 @@ def instrument_phases(calls: list[dict[str, Any]]) -> None:
         setattr(cls, method, functools.wraps(original)(timed))
 
 
+def children_cpu_seconds() -> float:
+    """CPU time of this process's ended and reaped child processes (0 where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_training(spec: dict[str, Any]) -> dict[str, Any]:
     """One timed training run, with or without the callback."""
     import warnings
@@ -319,14 +329,16 @@ def run_training(spec: dict[str, Any]) -> dict[str, Any]:
     os.write(spec["ready_fd"], b"R")
     turns.wait()  # the driver gives the first turn once both processes are ready
     waited = turns.waited
-    start, start_cpu = time.perf_counter(), time.process_time()
+    start, start_cpu, start_children = time.perf_counter(), time.process_time(), children_cpu_seconds()
     trainer.train()
     total, total_cpu = time.perf_counter() - start - (turns.waited - waited), time.process_time() - start_cpu
+    children_cpu = children_cpu_seconds() - start_children  # the predictor's child process, ended (and reaped) at train end
     turns.hand_over(done=True)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = {
         "total_seconds": total,
         "total_cpu_seconds": total_cpu,
+        "children_cpu_seconds": children_cpu,
         "begin_seconds": timer.begin[0] - start,
         "end_seconds": timer.end[0],
         "step_seconds": [wall for wall, _ in timer.steps],
@@ -524,6 +536,8 @@ def analyse(with_runs: list[dict[str, Any]], without_runs: list[dict[str, Any]])
     total_without = statistics.median(r["total_seconds"] for r in without_runs)
     cpu_with = statistics.median(r["total_cpu_seconds"] for r in with_runs)
     cpu_without = statistics.median(r["total_cpu_seconds"] for r in without_runs)
+    children_with = statistics.median(r.get("children_cpu_seconds", 0.0) for r in with_runs)
+    children_without = statistics.median(r.get("children_cpu_seconds", 0.0) for r in without_runs)
     peak_with = statistics.median(r["peak_rss_mb"] for r in with_runs)
     peak_without = statistics.median(r["peak_rss_mb"] for r in without_runs)
     phases = [phase_totals(r) for r in with_runs]
@@ -552,6 +566,11 @@ def analyse(with_runs: list[dict[str, Any]], without_runs: list[dict[str, Any]])
         "total_seconds": {"without": total_without, "with": total_with, "overhead": _ratio(total_with, total_without)},
         "total_pairs": [_ratio(w["total_seconds"], o["total_seconds"]) for w, o in zip(with_runs, without_runs)],
         "total_cpu_seconds": {"without": cpu_without, "with": cpu_with, "overhead": _ratio(cpu_with, cpu_without)},
+        "children_cpu_seconds": {
+            "without": children_without,
+            "with": children_with,
+            "overhead_with_children": _ratio(cpu_with + children_with, cpu_without + children_without),
+        },
         "callback_own_seconds": {
             "wall": own["seconds"],
             "cpu": own["cpu_seconds"],
@@ -656,6 +675,7 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
     total, cpu_total, peak, cpu = result["total_seconds"], result["total_cpu_seconds"], result["peak_rss_mb"], result["cpu"]
     inside, end, outside = result["inside_window"], result["window_end_step"], result["outside_window"]
     own = result["callback_own_seconds"]
+    children = result.get("children_cpu_seconds", {"without": math.nan, "with": math.nan, "overhead_with_children": math.nan})
     met = result["targets_met"]
     phases = result["phases"]
 
@@ -674,6 +694,8 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
     return [
         ["total `trainer.train()` (s)", _s(total["without"], 1), _s(total["with"], 1), _pct(total["overhead"]), _pct(cpu_total["overhead"]),
          verdict("total", "≤ 3 %")],
+        ["  CPU of child processes (the retention predictor's), s", _s(children["without"], 1), _s(children["with"], 1), "",
+         _pct(children["overhead_with_children"]) + " (total CPU incl. children)", ""],
         ["callback's own work: all its events, timed inside (s)", "", f"{own['wall']:.1f} (CPU {own['cpu']:.1f})",
          _pct(own["share_of_total"]), _pct(own["share_of_total_cpu"]), "hooks excluded"],
         [f"step in window, mean (steps {window[0] + 1}–{window[1] - 1}, s)", _s(inside["mean_step_without"]), _s(inside["mean_step_with"]),
@@ -724,8 +746,10 @@ def result_notes(results: list[dict[str, Any]], threads: int) -> list[str]:
         (f"torch runs {threads} thread(s) per process (--threads): on this shared 2-core machine two threads per process stall for seconds "
          "when other jobs hold a core. Wall time is what the targets are about; the CPU-time column is the same comparison in process CPU "
          "time (time.process_time), which the machine's other jobs disturb less."),
-        ("In the window = summed step times of the window's steps before its last one (gradient-sketch hooks, probe-batch collection, "
-         "and the retention predictor loading in a background thread, which competes with training for the interpreter). The "
+        ("In the window = summed step times of the window's steps before its last one (gradient-sketch hooks and probe-batch "
+         "collection; the retention predictor loads meanwhile in a low-priority child process, whose CPU time is the 'child "
+         "processes' row: on this machine it runs on the core the 1-thread training leaves free, on a machine whose cores training "
+         "uses it competes with training at low priority). The "
          "window-end step carries the one-off cost: hidden states of the 16-sequence probe batch with the adapter off and on (2 forward "
          "passes of the probe batch), the record write (with those adapted states, this run's own states, as the record's cache), "
          "cross-disturbance against each stored run (base + merged update on both runs' batches: 2 passes per stored run; the stored "

@@ -37,6 +37,7 @@ _EXPORTS = {
     "PredictorError": "mergeprobe.errors",
     "MergeProbeCallback": "mergeprobe.callbacks",
     "MergeProbe": "mergeprobe.predictor",
+    "PredictorProcess": "mergeprobe.predictor_process",
     "decide": "mergeprobe.decision",
     "Decision": "mergeprobe.decision",
     "DecisionThresholds": "mergeprobe.decision",

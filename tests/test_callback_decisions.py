@@ -64,17 +64,20 @@ def test_merge_on_end_writes_exactly_one_adapter_for_concurrent_runs(tmp_path):
     PeftModel.from_pretrained(build_tiny_llama(), str(adapter))  # a standard PEFT adapter
 
 
-def test_the_shipped_predictor_loads_in_the_background_and_predicts_at_the_window_end(tmp_path):
+def test_the_shipped_predictor_loads_in_a_child_process_and_predicts_at_the_window_end(tmp_path):
     from mergeprobe.predictor import MergeProbe
 
     store = str(tmp_path / "store")
     _, first = train(store, "first", str(tmp_path / "first"), seed=0, predictor="default")
     assert first._probe.predictor is None and first._predictor_deferred  # alone in the store: nothing to predict, not loaded
     _, callback = train(store, "second", str(tmp_path / "second"), seed=1, predictor="default")
-    assert callback._predictor_loading is None  # handed over, no thread left pending
-    assert isinstance(callback._probe.predictor, MergeProbe)
+    assert not callback._predictor_loading and callback._predictor_process is None  # handed over; the child ended with training
     (comparison,) = callback._probe.comparisons.values()
     assert 0.0 <= comparison.predicted_retention and comparison.predicted_lower <= comparison.predicted_retention + 1e-9
+    # The child predicted exactly what the shipped model predicts in this process.
+    shipped = MergeProbe.default()
+    assert comparison.predicted_retention == float(shipped.predict_retention(comparison.features)[0])
+    assert comparison.predicted_lower == float(shipped.predict_lower_retention(comparison.features)[0])
     assert callback.decision is not None
 
 
@@ -92,12 +95,17 @@ def test_a_run_alone_in_the_store_loads_the_predictor_when_another_run_appears(t
     # The first run defers loading; a run that reaches the store while it trains makes its next tracking step load the
     # predictor and predict against it.
     from mergeprobe.callbacks import MergeProbeCallback
-    from mergeprobe.predictor import MergeProbe
 
     store = str(tmp_path / "store")
     loads = []
-    original = MergeProbeCallback._load_predictor
-    monkeypatch.setattr(MergeProbeCallback, "_load_predictor", lambda self: loads.append(self.run_name) or original(self))
+    original = MergeProbeCallback._start_loading_predictor
+
+    def start_loading(self):
+        if isinstance(self.predictor, str):  # a predictor to load (the late run has none)
+            loads.append(self.run_name)
+        return original(self)
+
+    monkeypatch.setattr(MergeProbeCallback, "_start_loading_predictor", start_loading)
     original_track = MergeProbeCallback.on_step_end
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -107,6 +115,6 @@ def test_a_run_alone_in_the_store_loads_the_predictor_when_another_run_appears(t
 
     monkeypatch.setattr(MergeProbeCallback, "on_step_end", on_step_end)
     _, callback = train(store, "early", str(tmp_path / "early"), seed=0, max_steps=12, predictor="default")
-    assert loads == ["early"] and isinstance(callback._probe.predictor, MergeProbe)
+    assert loads == ["early"] and callback._probe.predictor is not None
     assert callback._probe.comparisons["late"].predicted_retention is not None
 

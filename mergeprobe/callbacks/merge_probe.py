@@ -30,7 +30,6 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,7 +73,10 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         TensorBoard directory (default: the Trainer's run directory) and whether to log.
     predictor:
         ``"default"`` (the shipped MergeProbe, if present), a path to a saved one, a
-        fitted :class:`~mergeprobe.predictor.MergeProbe`, or ``None``.
+        fitted :class:`~mergeprobe.predictor.MergeProbe`, or ``None``. One named by
+        path (or ``"default"``) is loaded in a low-priority child process while the
+        window trains (:class:`~mergeprobe.predictor_process.PredictorProcess`), so
+        importing scikit-learn never stalls training; it ends with training.
     thresholds:
         :class:`~mergeprobe.decision.DecisionThresholds` for the set decision.
     stop_unmergeable:
@@ -156,7 +158,8 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self.stop_reason: str | None = None
         self.disabled = False
         self._probe: ProbeRun | None = None
-        self._predictor_loading: Future | None = None
+        self._predictor_process: Any = None  # a PredictorProcess started for a predictor named by path
+        self._predictor_loading = False  # started, not yet handed to the probe
         self._predictor_deferred = False
         self._logger: Any = None
         self._tracked_step: int | None = None  # the step of the last tracking measurement
@@ -197,6 +200,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             self.disabled = True
             if self._probe is not None:
                 self._probe.close()
+            self._close_predictor()
             return None
 
     def _open_store(self) -> Any:
@@ -204,29 +208,33 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
 
         return self.store if isinstance(self.store, ProbeStore) else ProbeStore(self.store)
 
-    def _load_predictor(self) -> Any:
-        if self.predictor is None or not isinstance(self.predictor, str):
-            return self.predictor
-        from mergeprobe.predictor import MergeProbe
-
-        try:
-            return MergeProbe.default() if self.predictor == "default" else MergeProbe.load(self.predictor)
-        except PredictorError as err:
-            warnings.warn(f"mergeprobe: no retention predictor ({err}); signals are still captured and logged.", stacklevel=2)
-            return None
-
     def _start_loading_predictor(self) -> None:
-        """Load a predictor named by path (or "default") in a background thread.
+        """Start loading a predictor named by path (or "default") in a child process.
 
-        Loading imports scikit-learn and skops (seconds); the probe window trains meanwhile
-        and the first prediction, at the window end, waits for it (:meth:`_predictor_ready`).
+        Loading imports scikit-learn and skops (about 2 s of CPU): in a thread of this
+        process it would hold the interpreter lock and stall training as long. The probe
+        window trains meanwhile; the first prediction, at the window end, waits for it
+        (:meth:`_predictor_ready`).
         """
         if isinstance(self.predictor, str):
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeprobe-predictor")
-            self._predictor_loading = pool.submit(self._load_predictor)
-            pool.shutdown(wait=False)  # the submitted load still runs; no thread is left behind after it
+            from mergeprobe.predictor_process import PredictorProcess
+
+            self._predictor_process = PredictorProcess(self.predictor)
+            self._predictor_loading = True
         elif self._probe is not None:
             self._probe.predictor = self.predictor
+
+    def _no_predictor(self, err: Exception) -> None:
+        warnings.warn(f"mergeprobe: no retention predictor ({err}); signals are still captured and logged.", stacklevel=3)
+        if self._probe is not None:
+            self._probe.predictor = None
+        self._close_predictor()
+
+    def _close_predictor(self) -> None:
+        if self._predictor_process is not None:
+            self._predictor_process.close()
+            self._predictor_process = None
+        self._predictor_loading = False
 
     def _store_has_other_runs(self) -> bool:
         """Whether the store holds any run but this one (a predictor has something to predict)."""
@@ -251,9 +259,12 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         if self._predictor_deferred and self._store_has_other_runs():
             self._predictor_deferred = False
             self._start_loading_predictor()
-        if self._predictor_loading is not None:
-            self._probe.predictor = self._predictor_loading.result()
-            self._predictor_loading = None
+        if self._predictor_loading:
+            self._predictor_loading = False
+            try:
+                self._probe.predictor = self._predictor_process.wait_ready()
+            except PredictorError as err:
+                self._no_predictor(err)
 
     def _window_length(self, args: Any, state: Any) -> int:
         if self.probe_steps is not None:
@@ -387,7 +398,11 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             return None
         from mergeprobe.probe import decide_for_store
 
-        return decide_for_store(self.store, [self.run_name, *comparisons], self._probe.predictor, self.thresholds)
+        try:
+            return decide_for_store(self.store, [self.run_name, *comparisons], self._probe.predictor, self.thresholds)
+        except PredictorError as err:  # e.g. the predictor process died
+            self._no_predictor(err)
+            return None
 
     def _log_comparisons(self, comparisons: dict[str, Comparison], step: int, images: bool) -> None:
         if self._logger is None:
@@ -409,6 +424,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if self.disabled or self._probe is None:
+            self._close_predictor()
             return
         if not self.window_done:  # training ended inside the window
             self._end_window(model, int(state.global_step), state, control)
@@ -425,6 +441,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             if self.merge_on_end and not self.disabled:
                 self._guard("merging on end", self._merge_on_end, model)
         self._probe.close()
+        self._close_predictor()
         if self._logger is not None:
             self._logger.close()
 
