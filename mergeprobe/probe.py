@@ -93,15 +93,25 @@ def _rank_zero(adapter: LoraAdapter) -> LoraAdapter:
     return LoraAdapter(modules, adapter.config, adapter.name)
 
 
-def _global_cosine(first: dict[str, tuple[Tensor, Tensor]], second: dict[str, tuple[Tensor, Tensor]]) -> float:
-    """Cosine of two whole adapters' updates (all shared modules as one vector)."""
-    shared = sorted(set(first) & set(second))
-    dot = sum(float(inner(first[k], second[k])) for k in shared)
-    norm_a = sum(float(inner(first[k], first[k])) for k in first) ** 0.5
-    norm_b = sum(float(inner(second[k], second[k])) for k in second) ** 0.5
-    if norm_a == 0.0 or norm_b == 0.0:
+def _global_norm(update: dict[str, tuple[Tensor, Tensor]]) -> float:
+    """``‖ΔW‖_F`` of a whole adapter's update (all its modules as one vector), for :func:`_global_cosine`."""
+    return sum(float(inner(factors, factors)) for factors in update.values()) ** 0.5
+
+
+def _global_cosine(
+    first: dict[str, tuple[Tensor, Tensor]], second: dict[str, tuple[Tensor, Tensor]], norm_first: float, norm_second: float
+) -> float:
+    """Cosine of two whole adapters' updates (all shared modules as one vector).
+
+    ``norm_first`` and ``norm_second`` are the updates' :func:`_global_norm`: tracking
+    measures one current update against every stored run, whose norms never change.
+    One :func:`~mergeprobe.core.inner` per module, summed in sorted key order (stacking
+    the modules for one batched call copies more than it saves at LoRA shapes).
+    """
+    if norm_first == 0.0 or norm_second == 0.0:
         return 0.0
-    return max(-1.0, min(1.0, dot / (norm_a * norm_b)))
+    dot = sum(float(inner(first[k], second[k])) for k in sorted(set(first) & set(second)))
+    return max(-1.0, min(1.0, dot / (norm_first * norm_second)))
 
 
 @dataclass
@@ -160,6 +170,7 @@ class ProbeRun:
     _batch_hook: Any = None
     _batches: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     _others: dict[str, Any] = field(default_factory=dict)
+    _other_norms: dict[str, float] = field(default_factory=dict)
     _record_meta: dict[str, Any] = field(default_factory=dict)
     base: dict[str, str] = field(default_factory=dict)
 
@@ -342,17 +353,18 @@ class ProbeRun:
             self._others[name] = replace(signals, end_factors={})
         return {k: v for k, v in self._others.items() if v is not None}
 
-    def _predict(self, features: dict[str, float]) -> tuple[float | None, float | None]:
-        if self.predictor is None:
-            return None, None
+    def _predict(self, rows: list[dict[str, float]]) -> list[tuple[float | None, float | None]]:
+        """``(mean, lower)`` predicted retention for each feature dict, one predictor call per bound for all rows."""
+        if self.predictor is None or not rows:
+            return [(None, None)] * len(rows)
         try:
-            mean = float(self.predictor.predict_retention(features)[0])
-            lower = float(self.predictor.predict_lower_retention(features)[0])
+            mean = self.predictor.predict_retention(rows)
+            lower = self.predictor.predict_lower_retention(rows)
         except (PredictorError, ValueError) as err:
             warnings.warn(f"MergeProbe could not predict retention ({err}); continuing without predictions.", stacklevel=2)
             self.predictor = None
-            return None, None
-        return mean, lower
+            return [(None, None)] * len(rows)
+        return [(float(m), float(lo)) for m, lo in zip(mean, lower)]
 
     def _compare(self, model: Any, name: str, other: Any, own_states: dict[int, list[Tensor]] | None = None) -> Comparison:
         """Full comparison with one run: all pairwise features, cross-disturbance included.
@@ -379,7 +391,7 @@ class ProbeRun:
         # oriented_pairwise_features of both orientations, with the symmetric part computed once for both.
         symmetric = pairwise_features(self.signals, other, cross)
         features = {**symmetric, **member_features(self.signals, [other], cross)}
-        mean, lower = self._predict(features)
+        [(mean, lower)] = self._predict([features])
         # Both orientations: the other run's retention in this pair needs this run's model pass too.
         self.store.write_pair_features(self.run_name, name, features)
         self.store.write_pair_features(name, self.run_name, {**symmetric, **member_features(other, [self.signals], swap_cross(cross))})
@@ -410,17 +422,21 @@ class ProbeRun:
             return {}
         current = update_between(self._start, load_adapter(model, self.adapter_name))
         now = type(self.signals)(**{**vars(self.signals), "update": current})
-        tracked = {}
-        for name, other in self._compatible_others().items():
+        others = self._compatible_others()
+        current_norm = _global_norm(current) if others else 0.0
+        measured = {}
+        for name, other in others.items():
             if name not in self.comparisons:
                 self.comparisons[name] = self._compare(model, name, other)
+            if name not in self._other_norms:  # a stored window update never changes
+                self._other_norms[name] = _global_norm(other.update)
             # Forward-pass features (cross-disturbance, member/partner) stay as measured at the window end.
             kept = {k: v for k, v in self.comparisons[name].features.items() if k.startswith(("cross_", *MEMBER_PREFIXES))}
             features = {**pairwise_features(now, other, None), **kept}
-            features["update_alignment.global"] = _global_cosine(current, other.update)
-            mean, lower = self._predict(features)
-            tracked[name] = Comparison(name, features, None, mean, lower)
-        return tracked
+            features["update_alignment.global"] = _global_cosine(current, other.update, current_norm, self._other_norms[name])
+            measured[name] = features
+        predictions = self._predict(list(measured.values()))
+        return {name: Comparison(name, features, None, *p) for (name, features), p in zip(measured.items(), predictions)}
 
     def close(self) -> None:
         """Remove every hook this probe installed."""
@@ -431,14 +447,20 @@ def decide_for_store(store: Any, runs: list[str], predictor: Any, thresholds: An
     """The set decision for ``runs`` from their stored pair features and ``predictor``.
 
     Every ordered pair's retention is predicted from the features in the store (see
-    :meth:`ProbeStore.pairwise_features`); a pair's conflict share is its top
+    :meth:`ProbeStore.pairwise_features_among`); a pair's conflict share is its top
     B-space collision share (``b_crowding_top.mean``): interference concentrated in
     one direction is what pruning can remove.
+
+    Example
+    -------
+    >>> decision = decide_for_store(store, ["math", "code"], MergeProbe.default())  # doctest: +SKIP
+    >>> decision.action  # doctest: +SKIP
+    'merge'
     """
     from mergeprobe.decision import decide
 
     pairs = [(i, j) for i in runs for j in runs if i != j]
-    features = {pair: store.pairwise_features(*pair) for pair in pairs}
+    features = store.pairwise_features_among(runs)
     mean = predictor.predict_retention([features[p] for p in pairs])
     lower = predictor.predict_lower_retention([features[p] for p in pairs])
     conflict = {p: float(features[p].get("b_crowding_top.mean", 0.0)) for p in pairs}

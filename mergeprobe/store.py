@@ -61,7 +61,7 @@ import shutil
 import socket
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -1000,19 +1000,56 @@ class ProbeStore:
         from mergeprobe import features
 
         if model is None:
-            stored = self.pair_features(run_a, run_b)
-            if stored is not None:
-                return stored
-            reverse = self.pair_features(run_b, run_a)
-            if reverse is not None:
-                # The oriented member features of (b, a) are b's; keep the symmetric ones, add a's own.
-                a = self.load_signals(run_a)
-                b = self.load_signals(run_b)
-                return {**features.symmetric_part(reverse), **features.member_features(a, [b], None)}
+            return self._stored_pair_features(run_a, run_b, self.pair_features, {})
         a = self.load_signals(run_a)
         b = self.load_signals(run_b)
-        cross = self._cross_disturbance(model, {run_a: a, run_b: b}) if model is not None else None
-        return features.oriented_pairwise_features(a, b, cross)
+        return features.oriented_pairwise_features(a, b, self._cross_disturbance(model, {run_a: a, run_b: b}))
+
+    def pairwise_features_among(self, runs: Sequence[str]) -> dict[tuple[str, str], dict[str, float]]:
+        """:meth:`pairwise_features` (without a model) of every ordered pair of distinct ``runs``.
+
+        The same values as one call per pair, but every pair file is read at most once
+        and every record loaded at most once, however many pairs fall back to it.
+
+        Example
+        -------
+        >>> features = store.pairwise_features_among(["math", "code", "chat"])  # doctest: +SKIP
+        >>> features["math", "code"] == store.pairwise_features("math", "code")  # doctest: +SKIP
+        True
+        """
+        stored: dict[tuple[str, str], dict[str, float] | None] = {}
+
+        def read_once(run_a: str, run_b: str) -> dict[str, float] | None:
+            if (run_a, run_b) not in stored:
+                stored[run_a, run_b] = self.pair_features(run_a, run_b)
+            return stored[run_a, run_b]
+
+        names = list(dict.fromkeys(runs))
+        signals: dict[str, RunSignals] = {}
+        return {(a, b): self._stored_pair_features(a, b, read_once, signals) for a in names for b in names if a != b}
+
+    def _stored_pair_features(
+        self,
+        run_a: str,
+        run_b: str,
+        read: Callable[[str, str], dict[str, float] | None],
+        signals: dict[str, RunSignals],
+    ) -> dict[str, float]:
+        """:meth:`pairwise_features` without a model, reading pair files with ``read`` and records once into ``signals``."""
+        from mergeprobe import features
+
+        stored = read(run_a, run_b)
+        if stored is not None:
+            return stored
+        reverse = read(run_b, run_a)
+        for name in (run_a, run_b):
+            if name not in signals:
+                signals[name] = self.load_signals(name)
+        a, b = signals[run_a], signals[run_b]
+        if reverse is not None:
+            # The oriented member features of (b, a) are b's; keep the symmetric ones, add a's own.
+            return {**features.symmetric_part(reverse), **features.member_features(a, [b], None)}
+        return features.oriented_pairwise_features(a, b, None)
 
     def _cross_disturbance(self, model: Any, runs: Mapping[str, RunSignals]) -> dict[str, Any]:
         """Cross-disturbance of two stored runs on ``model``, with the own states their records cache.

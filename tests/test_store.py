@@ -501,3 +501,31 @@ def test_cache_is_written_carried_over_and_never_an_error(tmp_path: Path) -> Non
     path.unlink()
     assert store.load_cache("b") is None and store.load("b").status == "probing"
     assert store.load_cache("missing") is None
+
+
+def test_pairwise_features_among_equals_one_call_per_pair_and_loads_each_record_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pair files as a set of runs can leave them: (a, b) and (b, a) stored, only (c, a) of the pair {a, c}, nothing
+    # for {b, c}. The set read gives every ordered pair what pairwise_features gives it, with a file read once per
+    # pair and a record loaded once, where one call per pair loads a record again for each pair it falls back to.
+    from mergeprobe.features import oriented_pairwise_features
+    from tests.test_features import _signals
+
+    store = ProbeStore(tmp_path / "store")
+    signals = {name: _signals(seed) for seed, name in enumerate("abc", start=1)}
+    for name, run in signals.items():
+        store.write_signals(name, run, {"run_id": name, "status": "complete"})
+    for a, b in ("ab", "ba", "ca"):  # as a probe stores them, with a forward-pass feature the records cannot give
+        store.write_pair_features(a, b, {**oriented_pairwise_features(signals[a], signals[b], None), "cross_disturbance.mean": 0.25})
+
+    one_by_one = {(a, b): store.pairwise_features(a, b) for a in "abc" for b in "abc" if a != b}
+    loaded: list[str] = []
+    read: list[tuple[str, str]] = []
+    real_load, real_read = store.load_signals, store.pair_features
+    monkeypatch.setattr(store, "load_signals", lambda name: loaded.append(name) or real_load(name))
+    monkeypatch.setattr(store, "pair_features", lambda a, b: read.append((a, b)) or real_read(a, b))
+    assert store.pairwise_features_among(["a", "b", "c", "a"]) == one_by_one
+    assert sorted(loaded) == ["a", "b", "c"]
+    assert sorted(read) == sorted(one_by_one)
+    # The three paths: stored, the reverse's symmetric part (its cross-disturbance kept), computed (none measured).
+    assert one_by_one["a", "c"]["cross_disturbance.mean"] == 0.25 == one_by_one["a", "b"]["cross_disturbance.mean"]
+    assert "cross_disturbance.mean" not in one_by_one["b", "c"]
