@@ -31,7 +31,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -544,7 +543,7 @@ def save_adapter(
         raise OutputExistsError(f"output directory {str(out)!r} already exists; choose another path or pass overwrite=True (--overwrite).")
     if not modules:
         raise AdapterError("nothing to write: the merge produced no modules.")
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     for file_name in extra_files or {}:
         if not isinstance(file_name, str) or not _SAFE_FILE_NAME.fullmatch(file_name) or file_name in (CONFIG_NAME, SAFETENSORS_NAME):
@@ -566,9 +565,13 @@ def save_adapter(
             tensors[f"{key}.lora_{which}.weight"] = stored
     config = adapter_config_for(modules, template_config)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # Not mkdtemp, whose directory is private (0700): the adapter's modes follow the umask, so the other users of a
+    # shared probe store can read a merged adapter written there.
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    os.mkdir(tmp, 0o777)
     try:
-        save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt", "producer": "mergeprobe"})
+        # Bytes written by Python, not save_file, which creates its file private (0600) whatever the umask.
+        (tmp / SAFETENSORS_NAME).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt", "producer": "mergeprobe"}))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for file_name, text in (extra_files or {}).items():
             (tmp / file_name).write_text(text)

@@ -187,6 +187,21 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+def _copy_tree(source: Path, target: Path) -> None:
+    """Copy a directory into a new one whose modes follow the umask, as the store's own files do.
+
+    Not ``shutil.copytree``: it copies modes too, and the adapter comes from a
+    temporary directory (mode 0700), which would leave it unreadable to the other users
+    of a shared store.
+    """
+    os.mkdir(target, 0o777)
+    for item in source.iterdir():
+        if item.is_dir():
+            _copy_tree(item, target / item.name)
+        else:
+            shutil.copyfile(item, target / item.name)
+
+
 def _fsync_dir(path: Path) -> None:
     """Make a rename durable; not every platform or file system can fsync a directory."""
     try:
@@ -586,7 +601,7 @@ class ProbeStore:
                         _link_or_copy(carried, tmp / CACHE_FILE)
                     _write_new_file(tmp / META_FILE, _json_text(record_meta, "meta").encode())
                     if adapter_source is not None:
-                        shutil.copytree(adapter_source, tmp / ADAPTER_DIR)
+                        _copy_tree(adapter_source, tmp / ADAPTER_DIR)
                     _fsync_dir(tmp)
                 self._swap_into_place(tmp, target, name)
             finally:

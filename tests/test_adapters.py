@@ -115,6 +115,22 @@ def test_save_adapter_refuses_path_like_keys(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_saved_adapter_is_readable_as_the_umask_allows(tmp_path):
+    # Merged adapters land in shared probe stores: a private (0700) directory would lock the other users out.
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        out = save_adapter({"model.layers.0.mlp.up_proj": (torch.ones(3, 1), torch.ones(1, 3))}, tmp_path / "merged")
+    finally:
+        os.umask(umask)
+    assert oct(out.stat().st_mode & 0o777) == "0o755"
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {
+        "adapter_config.json": "0o644",
+        "adapter_model.safetensors": "0o644",
+    }
+
+
 def test_module_key_helpers(tiny_llama):
     key = "base_model.model.model.layers.1.mlp.up_proj"
     assert module_layer(key) == 1

@@ -127,6 +127,27 @@ def test_adapter_is_stored_with_the_record(tmp_path: Path) -> None:
     assert store.write_record("code", _meta("b", 2), _tensors(2)).adapter_path is None
 
 
+def test_a_stored_adapter_is_readable_as_the_umask_allows_not_private_like_its_temporary_source(tmp_path: Path) -> None:
+    # The probe stages the adapter in a temporary directory (mode 0700); other users of a shared store must read it.
+    import os
+    import tempfile
+
+    umask = os.umask(0o022)
+    try:
+        with tempfile.TemporaryDirectory() as staged:
+            (Path(staged) / "nested").mkdir(mode=0o700)
+            for name in ("adapter_config.json", "nested/adapter_model.safetensors"):
+                (Path(staged) / name).write_text("{}")
+                os.chmod(Path(staged) / name, 0o600)
+            stored = ProbeStore(tmp_path / "store").write_record("math", _meta("a", 1), _tensors(1), adapter=staged).adapter_path
+    finally:
+        os.umask(umask)
+    assert stored is not None
+    assert [oct(p.stat().st_mode & 0o777) for p in (stored, stored / "nested")] == ["0o755", "0o755"]
+    assert [oct(p.stat().st_mode & 0o777) for p in (stored / "adapter_config.json", stored / "nested/adapter_model.safetensors")] == ["0o644", "0o644"]
+    assert (stored / "nested/adapter_model.safetensors").read_text() == "{}"
+
+
 def test_same_name_other_run_is_refused(tmp_path: Path) -> None:
     import torch
 
