@@ -81,6 +81,7 @@ from mergeprobe.core import (
     frobenius_norm,
 )
 from mergeprobe.signals import (
+    PROBE_CHUNK_TOKENS,
     RunSignals,
     frozen_base,
     hidden_states_with_updates,
@@ -593,7 +594,7 @@ def _merge_disturbance(
     model: torch.nn.Module,
     members: Sequence[RunSignals],
     labels: Sequence[str],
-    batch_size: int,
+    chunking: Mapping[str, int | None],
     own_states: MutableMapping[int, list[Tensor]] | None = None,
 ) -> dict[str, Any]:
     merged = _summed_updates([m.update for m in members])
@@ -604,10 +605,10 @@ def _merge_disturbance(
             ids, mask = member.probe_input_ids, member.probe_attention_mask
             own = own_states.get(id(member)) if own_states is not None else None
             if own is None:
-                own = hidden_states_with_updates(model, member.update, ids, mask, batch_size=batch_size)
+                own = hidden_states_with_updates(model, member.update, ids, mask, **chunking)
                 if own_states is not None:
                     own_states[id(member)] = own
-            together = hidden_states_with_updates(model, merged, ids, mask, batch_size=batch_size)
+            together = hidden_states_with_updates(model, merged, ids, mask, **chunking)
             rep = representation_disturbance(own, together)
             out[f"disturbance.{label}"] = rep["disturbance"]
             out[f"relative_change.{label}"] = rep["relative_change"]
@@ -624,8 +625,9 @@ def cross_disturbance(
     model: torch.nn.Module,
     a: RunSignals,
     b: RunSignals,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     own_states: MutableMapping[int, list[Tensor]] | None = None,
+    max_tokens: int = PROBE_CHUNK_TOKENS,
 ) -> dict[str, Any]:
     """How much merging disturbs each run's representations (ALGORITHMS.md §5).
 
@@ -636,7 +638,8 @@ def cross_disturbance(
     :func:`~mergeprobe.signals.hidden_states_with_updates` (the model's own adapter
     disabled, the updates added by hooks), so ``model`` may be the ``PeftModel`` of
     either run or the bare base model. For LoRA initialised with ``B = 0`` the window
-    update equals the window-end ``ΔW``.
+    update equals the window-end ``ΔW``. ``batch_size`` and ``max_tokens`` chunk the
+    passes as in :func:`~mergeprobe.signals.hidden_states`.
 
     ``own_states`` is a cache of each run's own hidden states (base model plus its
     update, on its probe batch), keyed by ``id()`` of its :class:`RunSignals`: pass one
@@ -659,14 +662,20 @@ def cross_disturbance(
     >>> cross["cross_disturbance.max"]  # doctest: +SKIP
     0.004
     """
-    return _merge_disturbance(model, [a, b], ["a", "b"], batch_size, own_states)
+    return _merge_disturbance(model, [a, b], ["a", "b"], {"batch_size": batch_size, "max_tokens": max_tokens}, own_states)
 
 
-def set_cross_disturbance(model: torch.nn.Module, signals: Sequence[RunSignals], batch_size: int = 8) -> dict[str, Any]:
+def set_cross_disturbance(
+    model: torch.nn.Module,
+    signals: Sequence[RunSignals],
+    batch_size: int | None = None,
+    max_tokens: int = PROBE_CHUNK_TOKENS,
+) -> dict[str, Any]:
     """:func:`cross_disturbance` for a whole set: the merge of every update versus each member's own.
 
     Per-layer tensors are named ``disturbance.<i>`` / ``relative_change.<i>`` by member
-    index; the ``cross_*`` summaries are over all members and layers.
+    index; the ``cross_*`` summaries are over all members and layers. ``batch_size`` and
+    ``max_tokens`` chunk the passes as in :func:`~mergeprobe.signals.hidden_states`.
 
     Example
     -------
@@ -674,7 +683,8 @@ def set_cross_disturbance(model: torch.nn.Module, signals: Sequence[RunSignals],
     """
     if not signals:
         raise ValueError("set_cross_disturbance needs at least one run")
-    return _merge_disturbance(model, list(signals), [str(i) for i in range(len(signals))], batch_size)
+    labels = [str(i) for i in range(len(signals))]
+    return _merge_disturbance(model, list(signals), labels, {"batch_size": batch_size, "max_tokens": max_tokens})
 
 
 def set_features(

@@ -40,18 +40,21 @@ import contextlib
 import hashlib
 import inspect
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from mergeprobe.adapters import PEFT_PREFIX, LoraAdapter, base_module_path, find_module
 from mergeprobe.core import Factors
 from mergeprobe.errors import AdapterError
 
 __all__ = [
+    "PROBE_CHUNK_TOKENS",
     "GradientSketcher",
     "RunSignals",
     "apply_updates",
@@ -393,9 +396,14 @@ def _adapter_state(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
+_FROZEN: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()
+"""Models inside :func:`frozen_base`, with its nesting depth: their passes need not look for training modules."""
+
+
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    if not any(module.training for module in model.modules()):  # already in eval mode: nothing to toggle back
+    # Looking for a module in training mode walks the whole model (~4 ms for a 135M model, per pass): not inside frozen_base.
+    if _FROZEN.get(model) or not any(module.training for module in model.modules()):  # nothing to toggle back
         yield
         return
     was_training = model.training
@@ -423,7 +431,25 @@ def frozen_base(model: torch.nn.Module) -> Iterator[None]:
     ...     adapted = hidden_states_with_updates(peft_model, updates, ids)
     """
     with torch.no_grad(), _eval_mode(model), _adapter_state(model, enabled=False):
-        yield
+        _FROZEN[model] = _FROZEN.get(model, 0) + 1
+        try:
+            yield
+        finally:
+            _FROZEN[model] -= 1
+            if not _FROZEN[model]:
+                del _FROZEN[model]
+
+
+PROBE_CHUNK_TOKENS = 4096
+"""Default token budget of one forward pass of :func:`hidden_states` (padding included)."""
+
+
+def _chunk_size(input_ids: Tensor, batch_size: int | None, max_tokens: int) -> int:
+    """Sequences per forward pass: as many as fit in ``max_tokens`` padded tokens (at least one), at most ``batch_size``."""
+    if max_tokens < 1 or (batch_size is not None and batch_size < 1):
+        raise ValueError(f"hidden_states needs positive chunk sizes, got batch_size={batch_size}, max_tokens={max_tokens}")
+    per_chunk = max(1, max_tokens // max(1, int(input_ids.shape[1])))
+    return per_chunk if batch_size is None else min(per_chunk, batch_size)
 
 
 def hidden_states(
@@ -431,14 +457,21 @@ def hidden_states(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     adapter_enabled: bool = True,
-    batch_size: int = 8,
+    batch_size: int | None = None,
+    max_tokens: int = PROBE_CHUNK_TOKENS,
 ) -> list[Tensor]:
     """Per-layer hidden states of the real (unmasked) tokens of a batch.
 
     Runs the model with ``output_hidden_states=True`` in eval mode without gradients,
-    in chunks of ``batch_size`` sequences, and keeps the outputs of the transformer
-    blocks (``hidden_states[1:]``: the embedding output, which no LoRA changes, is left
-    out; the last entry is after the final norm, as ``transformers`` returns it). The
+    in chunks of as many sequences as fit in ``max_tokens`` tokens (padding included;
+    a longer sequence is a chunk of its own), and at most ``batch_size`` sequences when
+    it is given. The budget bounds the activation memory of a pass, while a small probe
+    batch (16 × 32 tokens) runs in one pass, which is faster than several on the CPU;
+    how the batch is chunked changes the states by float round-off at most.
+
+    It keeps the outputs of the transformer blocks (``hidden_states[1:]``: the
+    embedding output, which no LoRA changes, is left out; the last entry is after the
+    final norm, as ``transformers`` returns it). The
     output projection is not needed: a ``transformers`` model's body
     (``PreTrainedModel.base_model``, the model without its LM head) is run where it has
     one, else the whole model, asked for the last position's logits only
@@ -461,13 +494,14 @@ def hidden_states(
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    chunk = _chunk_size(input_ids, batch_size, max_tokens)
     device = _module_device(model)
     forward, extra = _states_forward(model)
     layers: list[list[Tensor]] = []
     with torch.no_grad(), _eval_mode(model), _adapter_state(model, adapter_enabled):
-        for begin in range(0, int(input_ids.shape[0]), batch_size):
-            ids = input_ids[begin : begin + batch_size].to(device)
-            mask = attention_mask[begin : begin + batch_size].to(device)
+        for begin in range(0, int(input_ids.shape[0]), chunk):
+            ids = input_ids[begin : begin + chunk].to(device)
+            mask = attention_mask[begin : begin + chunk].to(device)
             out = forward(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, **extra)
             keep = mask.bool()
             states = out.hidden_states[1:]
@@ -535,22 +569,59 @@ def apply_updates(model: torch.nn.Module, updates: Mapping[str, Factors]) -> Ite
         for key, (b, a) in updates.items():
             module = modules[key]
             device = _module_device(module)
-            handles.append(module.register_forward_hook(_update_hook(b.to(device), a.to(device)), with_kwargs=True))
+            hook = _update_hook(b.to(device), a.to(device), _computes_fresh_output(module))
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _update_hook(b: Tensor, a: Tensor):
+def _computes_fresh_output(module: torch.nn.Module) -> bool:
+    """Whether ``module`` returns a new tensor of its own on every call (a linear layer, a PEFT LoRA layer)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, (torch.nn.Linear, BaseTunerLayer))
+
+
+def _update_hook(b: Tensor, a: Tensor, fresh_output: bool):
+    """The forward hook of :func:`apply_updates`: the module's output plus ``x Aᵀ B̂ᵀ``.
+
+    The update is added in place, without a second output-sized tensor, when nothing
+    else can hold that output yet: a module that computes a fresh output
+    (``fresh_output``), no gradient recorded, this hook the first to see it, the
+    output contiguous, of the update's dtype and device, and no view of the input.
+    Otherwise a new tensor ``output + x Aᵀ B̂ᵀ`` is returned. The two agree up to
+    float round-off (bitwise on the CPU in practice).
+    """
+
     def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = _first_input(args, kwargs)
         if x is None or not isinstance(output, Tensor):
             return output
-        delta = (x.to(a.dtype) @ a.T) @ b.T
-        return output + delta.to(output.dtype)
+        low = x.to(a.dtype) @ a.T
+        if (
+            fresh_output
+            and not torch.is_grad_enabled()
+            and output.dtype == b.dtype
+            and output.device == b.device
+            and output.is_contiguous()
+            and output.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+            and not _global_forward_hooks()
+            and next(iter(module._forward_hooks.values()), None) is hook
+        ):
+            output.view(-1, output.shape[-1]).addmm_(low.reshape(-1, low.shape[-1]), b.T)
+            return output
+        return output + (low @ b.T).to(output.dtype)
 
     return hook
+
+
+def _global_forward_hooks() -> bool:
+    """Whether forward hooks registered for every module (``register_module_forward_hook``) exist: they see outputs first."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks)
 
 
 def hidden_states_with_updates(
@@ -558,7 +629,8 @@ def hidden_states_with_updates(
     updates: Mapping[str, Factors],
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
+    max_tokens: int = PROBE_CHUNK_TOKENS,
 ) -> list[Tensor]:
     """:func:`hidden_states` of the base model plus the low-rank ``updates`` (the model's own adapter disabled).
 
@@ -566,14 +638,15 @@ def hidden_states_with_updates(
     side of the self-disturbance (:func:`self_disturbance`) and both sides of the
     cross-disturbance (:func:`mergeprobe.features.cross_disturbance`). The same updates
     on the same batch therefore give bitwise the same states wherever they are
-    computed, so states computed once can be reused.
+    computed, so states computed once can be reused. ``batch_size`` and ``max_tokens``
+    chunk the passes as in :func:`hidden_states`.
 
     Example
     -------
     >>> own = hidden_states_with_updates(peft_model, run.update, run.probe_input_ids)  # doctest: +SKIP
     """
     with frozen_base(model), apply_updates(model, updates):
-        return hidden_states(model, input_ids, attention_mask, adapter_enabled=False, batch_size=batch_size)
+        return hidden_states(model, input_ids, attention_mask, adapter_enabled=False, batch_size=batch_size, max_tokens=max_tokens)
 
 
 OWN_STATES = "own_states"
@@ -630,7 +703,8 @@ def self_disturbance(
     factors: Mapping[str, Factors],
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
+    max_tokens: int = PROBE_CHUNK_TOKENS,
 ) -> tuple[dict[str, Tensor], list[Tensor]]:
     """The representation signal of a run: its probe batch's hidden states without and with its ``ΔW``.
 
@@ -638,6 +712,7 @@ def self_disturbance(
     The adapted states are :func:`hidden_states_with_updates` of them: the same as
     running the ``PeftModel`` with its adapter enabled (bitwise so when the LoRA scaling
     is a power of two, e.g. ``lora_alpha = 2r``; up to float round-off otherwise).
+    ``batch_size`` and ``max_tokens`` chunk the passes as in :func:`hidden_states`.
 
     Returns
     -------
@@ -653,9 +728,63 @@ def self_disturbance(
     >>> disturbance, adapted = self_disturbance(peft_model, factors, ids, mask)  # doctest: +SKIP
     """
     with frozen_base(model):
-        base = hidden_states(model, input_ids, attention_mask, adapter_enabled=False, batch_size=batch_size)
-        adapted = hidden_states_with_updates(model, factors, input_ids, attention_mask, batch_size=batch_size)
+        chunking = {"batch_size": batch_size, "max_tokens": max_tokens}
+        base = hidden_states(model, input_ids, attention_mask, adapter_enabled=False, **chunking)
+        adapted = hidden_states_with_updates(model, factors, input_ids, attention_mask, **chunking)
     return representation_disturbance(base, adapted), adapted
+
+
+_Value = TypeVar("_Value")
+
+_PREPARED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""Per representation tensor: ``(its version, {name: value})`` of what :func:`linear_cka` and
+:func:`representation_disturbance` derive from it alone. An entry lives as long as its tensor."""
+
+
+def _prepared(x: Tensor, name: str, compute: Callable[[], _Value]) -> _Value:
+    """``compute()``, computed once per representation ``x`` and reused while ``x`` is alive and unchanged.
+
+    In one window end the same states are one side of several comparisons (a run's own
+    states against its base states and against each merge), so their float64 Gram
+    matrix and norms are worth keeping. Tensors that take part in autograd or have no
+    version counter (inference tensors, which could change unseen) are not cached.
+    """
+    if x.requires_grad or x.is_inference():
+        return compute()
+    version, values = _PREPARED.get(x, (None, None))
+    if version != x._version or values is None:
+        version, values = x._version, {}
+        _PREPARED[x] = (version, values)
+    if name not in values:
+        values[name] = compute()
+    return values[name]
+
+
+def _centred(x: Tensor) -> Tensor:
+    """``x`` as float64 ``n × features`` with column means removed."""
+    x = x.to(torch.float64).reshape(x.shape[0], -1)
+    return x - x.mean(dim=0, keepdim=True)
+
+
+def _example_gram(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The centred ``n × n`` Gram matrix ``X̃ X̃ᵀ`` of ``x`` and its Frobenius norm, kept for reuse."""
+
+    def compute() -> tuple[Tensor, Tensor]:
+        centred = _centred(x)
+        gram = centred @ centred.T
+        return gram, torch.linalg.norm(gram)
+
+    return _prepared(x, "example_gram", compute)
+
+
+def _feature_gram_norm(x: Tensor, centred: Tensor) -> Tensor:
+    """``‖X̃ᵀ X̃‖_F`` of ``x`` (``centred`` is :func:`_centred` of it), kept for reuse."""
+    return _prepared(x, "feature_gram_norm", lambda: torch.linalg.norm(centred.T @ centred))
+
+
+def _norm(x: Tensor) -> Tensor:
+    """``‖x‖_F`` in float64, kept for reuse."""
+    return _prepared(x, "norm", lambda: torch.linalg.norm(x.to(torch.float64)))
 
 
 def linear_cka(x: Tensor, y: Tensor) -> Tensor:
@@ -666,6 +795,13 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     and example Gram matrices. Invariant to orthogonal transforms and isotropic
     scaling of either side. Two constant representations give 1, one constant 0.
 
+    What depends on one side alone (its centred Gram matrix and that matrix's norm)
+    is computed once per tensor and reused while the tensor lives unchanged, so
+    comparing one representation with several others costs one Gram matrix per
+    comparison, not two. The values are those of computing everything afresh. The kept
+    ``n × n`` float64 Gram matrix (only when ``n`` is at most the number of features)
+    takes at most twice the memory of the float32 states, and is freed with them.
+
     Example
     -------
     >>> x = torch.randn(50, 8)
@@ -674,17 +810,13 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     """
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"linear_cka needs the same examples on both sides, got {x.shape[0]} and {y.shape[0]} rows")
-    x = x.to(torch.float64).reshape(x.shape[0], -1)
-    y = y.to(torch.float64).reshape(y.shape[0], -1)
-    x = x - x.mean(dim=0, keepdim=True)
-    y = y - y.mean(dim=0, keepdim=True)
-    if x.shape[0] <= max(x.shape[1], y.shape[1]):
-        gram_x, gram_y = x @ x.T, y @ y.T
+    if x.shape[0] <= max(math.prod(x.shape[1:]), math.prod(y.shape[1:])):
+        (gram_x, norm_x), (gram_y, norm_y) = _example_gram(x), _example_gram(y)
         cross = (gram_x * gram_y).sum()
     else:
-        gram_x, gram_y = x.T @ x, y.T @ y
-        cross = ((y.T @ x) ** 2).sum()
-    norm_x, norm_y = torch.linalg.norm(gram_x), torch.linalg.norm(gram_y)
+        centred_x, centred_y = _centred(x), _centred(y)
+        norm_x, norm_y = _feature_gram_norm(x, centred_x), _feature_gram_norm(y, centred_y)
+        cross = ((centred_y.T @ centred_x) ** 2).sum()
     if norm_x == 0 and norm_y == 0:
         return torch.ones((), dtype=torch.float64)
     if norm_x == 0 or norm_y == 0:
@@ -696,7 +828,9 @@ def representation_disturbance(h_base: list[Tensor], h_adapted: list[Tensor]) ->
     """Per-layer disturbance ``1 − CKA_linear(H_base, H_adapted)`` and relative change.
 
     ``relative_change(l) = ‖H_adapted − H_base‖_F / ‖H_base‖_F`` (the plain
-    ``‖H_adapted − H_base‖_F`` when the base states are all zero, so it stays finite).
+    ``‖H_adapted − H_base‖_F`` when the base states are all zero, so it stays finite),
+    in float64. The base states' norm, like their Gram matrix in :func:`linear_cka`, is
+    computed once per tensor: a run's own states compared with several others cost it once.
 
     Returns
     -------
@@ -714,10 +848,9 @@ def representation_disturbance(h_base: list[Tensor], h_adapted: list[Tensor]) ->
         raise ValueError(f"representation_disturbance: {len(h_base)} base layers but {len(h_adapted)} adapted layers")
     disturbance, relative = [], []
     for base, adapted in zip(h_base, h_adapted):
-        base64, adapted64 = base.to(torch.float64), adapted.to(torch.float64)  # converted once, for both measures
-        disturbance.append(float(1.0 - linear_cka(base64, adapted64)))
-        norm = float(torch.linalg.norm(base64))
-        diff = float(torch.linalg.norm(adapted64 - base64))
+        disturbance.append(float(1.0 - linear_cka(base, adapted)))
+        norm = float(_norm(base))
+        diff = float(torch.linalg.norm(adapted.to(torch.float64) - base.to(torch.float64)))
         relative.append(diff / norm if norm > 0 else diff)
     return {
         "disturbance": torch.tensor(disturbance, dtype=torch.float32).clamp_min(0.0),
@@ -835,7 +968,8 @@ def capture_signals(
     sketcher: GradientSketcher,
     probe_input_ids: Tensor,
     probe_attention_mask: Tensor | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
+    max_tokens: int = PROBE_CHUNK_TOKENS,
 ) -> RunSignals:
     """Assemble a run's :class:`RunSignals` at the end of its probe window.
 
@@ -843,7 +977,8 @@ def capture_signals(
     adapter snapshots (:func:`~mergeprobe.adapters.load_adapter`); ``sketcher`` has
     accumulated the window's gradients (call :meth:`GradientSketcher.all_reduce` first
     under DDP). The representation signal compares the probe batch's hidden states with
-    the adapter disabled and enabled (:func:`self_disturbance`).
+    the adapter disabled and enabled (:func:`self_disturbance`), its passes chunked by
+    ``batch_size`` and ``max_tokens`` as in :func:`hidden_states`.
 
     Example
     -------
@@ -852,7 +987,7 @@ def capture_signals(
     if probe_attention_mask is None:
         probe_attention_mask = torch.ones_like(probe_input_ids)
     end_factors = {key: module.folded() for key, module in sorted(end.modules.items())}
-    rep, _ = self_disturbance(model, end_factors, probe_input_ids, probe_attention_mask, batch_size=batch_size)
+    rep, _ = self_disturbance(model, end_factors, probe_input_ids, probe_attention_mask, batch_size, max_tokens)
     return RunSignals(
         update=update_between(start, end),
         end_factors=end_factors,

@@ -171,6 +171,22 @@ def test_cross_disturbance_with_a_shared_cache_of_own_states_is_unchanged():
     assert set(cache) == {id(a), id(b), id(c)}
 
 
+def test_cross_disturbance_does_not_depend_on_how_the_passes_are_chunked():
+    base = build_tiny_llama()
+    a, b = _signals(1), _signals(2, batch_seed=5)
+    whole = cross_disturbance(base, a, b)  # each probe batch in one pass (token budget)
+    for chunking in ({"batch_size": 1}, {"max_tokens": 1}):
+        split = cross_disturbance(base, a, b, **chunking)
+        assert split.keys() == whole.keys()
+        for name, value in whole.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.allclose(split[name], value, rtol=1e-4, atol=1e-6), name
+            else:
+                assert split[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    cross_all = set_cross_disturbance(base, [a, b], batch_size=1)
+    assert torch.allclose(cross_all["disturbance.1"], whole["disturbance.b"], rtol=1e-4, atol=1e-6)
+
+
 def test_adapted_states_of_the_self_disturbance_are_the_own_states_of_the_cross_disturbance():
     # The probe seeds the cache with its self-disturbance's adapted states when its update is the window-end ΔW
     # (B started at 0), saving a pass: the result must be bitwise what the uncached computation gives.

@@ -393,3 +393,154 @@ def test_hidden_states_do_not_run_the_lm_head():
     finally:
         handle.remove()
     assert calls == []
+
+
+def test_a_probe_batch_runs_in_one_pass_and_chunking_does_not_change_the_states():
+    # The token budget replaces a fixed 8 sequences per pass: a small probe batch is one pass; long sequences, or a
+    # batch_size, still split it. The states are the same however the batch is split.
+    model = build_lora_model(seed=6)
+    ids, mask = _ids(4, n=5), torch.ones(5, 10, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[4, 7:] = 0
+    passes = []
+    handle = model.get_base_model().model.register_forward_hook(lambda module, args, out: passes.append(1))
+    try:
+        whole = hidden_states(model, ids, mask)
+        assert len(passes) == 1
+        for chunking, count in (({"batch_size": 2}, 3), ({"max_tokens": 20}, 3), ({"max_tokens": 1}, 5), ({"batch_size": 4, "max_tokens": 30}, 2)):
+            passes.clear()
+            split = hidden_states(model, ids, mask, **chunking)
+            assert len(passes) == count, chunking
+            assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(split, whole, strict=True))
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="positive chunk sizes"):
+        hidden_states(model, ids, mask, max_tokens=0)
+
+
+def _recording_linear(d_in: int = 6, d_out: int = 5):
+    """A linear layer that keeps every output it computes, before any forward hook sees it."""
+    layer = torch.nn.Linear(d_in, d_out)
+    raw = []
+    forward = layer.forward
+    layer.forward = lambda x: raw.append(forward(x)) or raw[-1]
+    return torch.nn.Sequential(layer), raw
+
+
+def test_update_hook_adds_in_place_only_where_no_one_else_holds_the_output():
+    g = torch.Generator().manual_seed(0)
+    b, a, x = torch.randn(5, 2, generator=g), torch.randn(2, 6, generator=g), torch.randn(3, 4, 6, generator=g)
+    model, raw = _recording_linear()
+    want = raw_output = None
+    with torch.no_grad():
+        plain = model(x)
+        want = plain + (x @ a.T) @ b.T
+        with apply_updates(model, {"0": (b, a)}):
+            got = model(x)
+        raw_output = raw[-1]
+    assert got is raw_output  # added in place: no second output-sized tensor
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+
+    # With gradients recorded, or with an earlier hook holding the output, a new tensor is returned instead.
+    seen = []
+    with apply_updates(model, {"0": (b, a)}):
+        with_grad = model(x)
+    assert with_grad is not raw[-1] and torch.equal(with_grad.detach(), got) and torch.equal(raw[-1].detach(), plain)
+    earlier = model[0].register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        with torch.no_grad(), apply_updates(model, {"0": (b, a)}):
+            shared = model(x)
+    finally:
+        earlier.remove()
+    assert shared is not seen[0] and torch.equal(seen[0], plain) and torch.equal(shared, got)
+
+    # A module that returns its input (not a fresh output) is never written into.
+    identity = torch.nn.Sequential(torch.nn.Identity())
+    square = torch.randn(3, 6, generator=g)
+    before = square.clone()
+    with torch.no_grad(), apply_updates(identity, {"0": (torch.randn(6, 2, generator=g), a)}):
+        identity(square)
+    assert torch.equal(square, before)
+
+
+def test_in_place_updates_give_the_states_of_the_out_of_place_path():
+    model = build_lora_model(seed=7, lora_alpha=6)
+    ids, mask = _ids(5, n=3), torch.ones(3, 10, dtype=torch.long)
+    mask[0, 5:] = 0
+    updates = {key: m.folded() for key, m in load_adapter(model).modules.items()}
+    in_place = hidden_states_with_updates(model, updates, ids, mask)
+    # A forward hook registered before the updates' hooks sees every output first: the updates then add out of place.
+    handles = [module.register_forward_hook(lambda *args: None) for module in lora_linear_layers(model).values()]
+    try:
+        out_of_place = hidden_states_with_updates(model, updates, ids, mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for left, right in zip(in_place, out_of_place, strict=True):
+        assert torch.allclose(left, right, rtol=1e-6, atol=1e-6 * float(right.abs().max()))
+
+
+def _cka_as_before(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """linear_cka as it was computed before the per-representation reuse, both sides afresh."""
+    x = x.to(torch.float64).reshape(x.shape[0], -1)
+    y = y.to(torch.float64).reshape(y.shape[0], -1)
+    x = x - x.mean(dim=0, keepdim=True)
+    y = y - y.mean(dim=0, keepdim=True)
+    if x.shape[0] <= max(x.shape[1], y.shape[1]):
+        gram_x, gram_y = x @ x.T, y @ y.T
+        cross = (gram_x * gram_y).sum()
+    else:
+        gram_x, gram_y = x.T @ x, y.T @ y
+        cross = ((y.T @ x) ** 2).sum()
+    norm_x, norm_y = torch.linalg.norm(gram_x), torch.linalg.norm(gram_y)
+    return (cross / (norm_x * norm_y)).clamp(0.0, 1.0)
+
+
+@pytest.mark.parametrize("shape", [(30, 12), (8, 20), (40, 3, 4)])  # n > features, n < features, 3-D states
+def test_linear_cka_reusing_one_side_equals_the_formula_computed_afresh(shape):
+    g = torch.Generator().manual_seed(1)
+    reference = torch.randn(shape, generator=g)
+    others = [reference + 0.5 * torch.randn(shape, generator=g) for _ in range(3)]
+    for other in others:  # one side shared by several comparisons, in either position
+        for x, y in ((reference, other), (other, reference)):
+            assert abs(float(linear_cka(x, y)) - float(_cka_as_before(x, y))) <= 1e-12
+    reference.mul_(-2.0).add_(torch.randn(shape, generator=g))  # changed in place: nothing stale is reused
+    assert abs(float(linear_cka(reference, others[0])) - float(_cka_as_before(reference, others[0]))) <= 1e-12
+
+
+def test_representation_disturbance_with_shared_states_equals_the_formula_computed_afresh():
+    g = torch.Generator().manual_seed(2)
+    own = [torch.randn(25, 16, generator=g) for _ in range(3)]
+    for _ in range(3):  # the own states against several others, as base and as adapted side
+        other = [h + torch.randn(25, 16, generator=g) for h in own]
+        for base, adapted in ((own, other), (other, own)):
+            got = representation_disturbance(base, adapted)
+            for layer, (h, h_adapted) in enumerate(zip(base, adapted)):
+                h64, adapted64 = h.double(), h_adapted.double()
+                relative = float(torch.linalg.norm(adapted64 - h64) / torch.linalg.norm(h64))
+                assert float(got["disturbance"][layer]) == float(torch.tensor(float(1 - _cka_as_before(h, h_adapted)), dtype=torch.float32))
+                assert float(got["relative_change"][layer]) == float(torch.tensor(relative, dtype=torch.float32))
+
+
+def test_reused_cka_work_lives_only_as_long_as_its_states():
+    from mergeprobe import signals
+
+    x, y = torch.randn(20, 8), torch.randn(20, 8)
+    before = len(signals._PREPARED)
+    representation_disturbance([x], [y])
+    assert len(signals._PREPARED) == before + 2
+    del x, y
+    assert len(signals._PREPARED) == before
+
+
+def test_passes_inside_frozen_base_do_not_walk_the_model_for_its_mode(monkeypatch):
+    model = build_lora_model(seed=5).train()
+    walks = []
+    original = type(model).modules
+    monkeypatch.setattr(type(model), "modules", lambda self: walks.append(1) or original(self))
+    with frozen_base(model):
+        walks.clear()
+        hidden_states(model, _ids(2))
+        self_disturbance(model, {}, _ids(2))
+    assert walks == []
+    assert model.training
