@@ -603,7 +603,7 @@ def _update_hook(b: Tensor, a: Tensor, fresh_output: bool):
         if (
             fresh_output
             and not torch.is_grad_enabled()
-            and output.dtype == b.dtype
+            and output.dtype == low.dtype == b.dtype  # not so under autocast
             and output.device == b.device
             and output.is_contiguous()
             and output.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()

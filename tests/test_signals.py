@@ -431,7 +431,6 @@ def test_update_hook_adds_in_place_only_where_no_one_else_holds_the_output():
     g = torch.Generator().manual_seed(0)
     b, a, x = torch.randn(5, 2, generator=g), torch.randn(2, 6, generator=g), torch.randn(3, 4, 6, generator=g)
     model, raw = _recording_linear()
-    want = raw_output = None
     with torch.no_grad():
         plain = model(x)
         want = plain + (x @ a.T) @ b.T
@@ -453,6 +452,12 @@ def test_update_hook_adds_in_place_only_where_no_one_else_holds_the_output():
     finally:
         earlier.remove()
     assert shared is not seen[0] and torch.equal(seen[0], plain) and torch.equal(shared, got)
+
+    # Under autocast the output and the update's factors differ in dtype: added out of place, as before.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low_precision = model(x) + (x @ a.T) @ b.T
+        with apply_updates(model, {"0": (b, a)}):
+            assert torch.equal(model(x), low_precision)
 
     # A module that returns its input (not a fresh output) is never written into.
     identity = torch.nn.Sequential(torch.nn.Identity())
