@@ -54,6 +54,7 @@ from mergeprobe.core import Factors
 from mergeprobe.errors import AdapterError
 
 __all__ = [
+    "CPU_PASS_COST_TOKENS",
     "PROBE_CHUNK_TOKENS",
     "GradientSketcher",
     "RunSignals",
@@ -443,13 +444,40 @@ def frozen_base(model: torch.nn.Module) -> Iterator[None]:
 PROBE_CHUNK_TOKENS = 4096
 """Default token budget of one forward pass of :func:`hidden_states` (padding included)."""
 
+CPU_PASS_COST_TOKENS = 32
+"""On the CPU a forward pass costs about as much as this many more tokens (SmolLM2-135M, one
+thread: 0.1 s fixed, 2.4 ms per token); elsewhere a pass is taken to cost a whole token budget."""
 
-def _chunk_size(input_ids: Tensor, batch_size: int | None, max_tokens: int) -> int:
-    """Sequences per forward pass: as many as fit in ``max_tokens`` padded tokens (at least one), at most ``batch_size``."""
+
+def _chunks(attention_mask: Tensor, batch_size: int | None, max_tokens: int, pass_cost: int) -> list[tuple[list[int], int]]:
+    """How :func:`hidden_states` splits a batch: ``(rows, width)`` per forward pass.
+
+    A row needs the columns up to its last real token (its trailing padding changes no
+    real token's state: attention never reaches it). Rows are sorted by that width and
+    split into runs of consecutive rows that minimise the tokens computed plus
+    ``pass_cost`` per pass; a pass holds at most ``max_tokens`` tokens (one longer row
+    goes alone) and at most ``batch_size`` rows. Rows with no real token are left out.
+    """
     if max_tokens < 1 or (batch_size is not None and batch_size < 1):
         raise ValueError(f"hidden_states needs positive chunk sizes, got batch_size={batch_size}, max_tokens={max_tokens}")
-    per_chunk = max(1, max_tokens // max(1, int(input_ids.shape[1])))
-    return per_chunk if batch_size is None else min(per_chunk, batch_size)
+    columns = torch.arange(1, attention_mask.shape[1] + 1)
+    widths = (attention_mask.ne(0).cpu() * columns).amax(dim=1).tolist()
+    rows = sorted((r for r, w in enumerate(widths) if w > 0), key=lambda r: widths[r])
+    # best[i]: cheapest split of the i narrowest rows; a pass of rows[j:i] is rows[i - 1]'s width wide.
+    best, cut = [0] + [math.inf] * len(rows), [0] * (len(rows) + 1)
+    for i in range(1, len(rows) + 1):
+        width = widths[rows[i - 1]]
+        for j in range(i - 1, -1, -1):
+            if j < i - 1 and ((i - j) * width > max_tokens or (batch_size is not None and i - j > batch_size)):
+                break
+            cost = best[j] + (i - j) * width + pass_cost
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    chunks, i = [], len(rows)
+    while i > 0:
+        chunks.append((rows[cut[i] : i], widths[rows[i - 1]]))
+        i = cut[i]
+    return chunks[::-1]
 
 
 def hidden_states(
@@ -462,12 +490,15 @@ def hidden_states(
 ) -> list[Tensor]:
     """Per-layer hidden states of the real (unmasked) tokens of a batch.
 
-    Runs the model with ``output_hidden_states=True`` in eval mode without gradients,
-    in chunks of as many sequences as fit in ``max_tokens`` tokens (padding included;
-    a longer sequence is a chunk of its own), and at most ``batch_size`` sequences when
-    it is given. The budget bounds the activation memory of a pass, while a small probe
-    batch (16 × 32 tokens) runs in one pass, which is faster than several on the CPU;
-    how the batch is chunked changes the states by float round-off at most.
+    Runs the model with ``output_hidden_states=True`` in eval mode without gradients.
+    Each sequence is cut after its last real token (trailing padding changes no real
+    token's state) and the sequences, sorted by that length, are split into forward
+    passes that compute the fewest tokens, counting a pass's own cost on the CPU
+    (:data:`CPU_PASS_COST_TOKENS`): a probe batch padded to a fixed length no longer
+    pays for its padding. A pass holds at most ``max_tokens`` tokens (a longer sequence
+    is a pass of its own), which bounds its activation memory, and at most
+    ``batch_size`` sequences when that is given. The states come back in the batch's
+    order; how it is split changes them by float round-off at most.
 
     It keeps the outputs of the transformer blocks (``hidden_states[1:]``: the
     embedding output, which no LoRA changes, is left out; the last entry is after the
@@ -494,22 +525,22 @@ def hidden_states(
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    chunk = _chunk_size(input_ids, batch_size, max_tokens)
     device = _module_device(model)
+    pass_cost = CPU_PASS_COST_TOKENS if device.type == "cpu" else max_tokens
     forward, extra = _states_forward(model)
-    layers: list[list[Tensor]] = []
+    rows: dict[int, list[Tensor]] = {}  # the states of each row's real tokens, layer by layer
     with torch.no_grad(), _eval_mode(model), _adapter_state(model, adapter_enabled):
-        for begin in range(0, int(input_ids.shape[0]), chunk):
-            ids = input_ids[begin : begin + chunk].to(device)
-            mask = attention_mask[begin : begin + chunk].to(device)
+        for chunk, width in _chunks(attention_mask, batch_size, max_tokens, pass_cost):
+            ids = input_ids[chunk, :width].to(device)
+            mask = attention_mask[chunk, :width].to(device)
             out = forward(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, **extra)
-            keep = mask.bool()
-            states = out.hidden_states[1:]
-            if not layers:
-                layers = [[] for _ in states]
-            for chunks, state in zip(layers, states):
-                chunks.append(state[keep].to("cpu", torch.float32))
-    return [torch.cat(chunks) for chunks in layers]
+            states = [state.to("cpu", torch.float32) for state in out.hidden_states[1:]]
+            keep = mask.bool().cpu()
+            for index, row in enumerate(chunk):
+                rows[row] = [state[index, keep[index]] for state in states]
+    if not rows:
+        raise ValueError("hidden_states: the batch has no real token (its attention_mask is all 0)")
+    return [torch.cat(layer) for layer in zip(*(rows[r] for r in sorted(rows)))]
 
 
 def _states_forward(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -396,14 +396,14 @@ def test_hidden_states_do_not_run_the_lm_head():
 
 
 def test_a_probe_batch_runs_in_one_pass_and_chunking_does_not_change_the_states():
-    # The token budget replaces a fixed 8 sequences per pass: a small probe batch is one pass; long sequences, or a
-    # batch_size, still split it. The states are the same however the batch is split.
+    # A small probe batch is one pass; a token budget or a batch_size split it. The states are the same, in the batch's
+    # order, however the batch is split.
     model = build_lora_model(seed=6)
     ids, mask = _ids(4, n=5), torch.ones(5, 10, dtype=torch.long)
     mask[1, 4:] = 0
     mask[4, 7:] = 0
     passes = []
-    handle = model.get_base_model().model.register_forward_hook(lambda module, args, out: passes.append(1))
+    handle = model.get_base_model().model.register_forward_hook(lambda module, args, out: passes.append(args or 1))
     try:
         whole = hidden_states(model, ids, mask)
         assert len(passes) == 1
@@ -416,6 +416,34 @@ def test_a_probe_batch_runs_in_one_pass_and_chunking_does_not_change_the_states(
         handle.remove()
     with pytest.raises(ValueError, match="positive chunk sizes"):
         hidden_states(model, ids, mask, max_tokens=0)
+
+
+def test_trailing_padding_is_not_computed_and_the_states_keep_the_batch_order():
+    # Sequences padded to a fixed length: each pass is cut after its longest real sequence, and sequences of very
+    # different lengths go to different passes when that computes fewer tokens (counting a pass's own cost).
+    from mergeprobe.signals import CPU_PASS_COST_TOKENS, _chunks
+
+    model = build_lora_model(seed=7)
+    lengths = [3, 60, 4, 2, 58, 0, 3]  # one row with no real token at all
+    ids, mask = _ids(5, n=len(lengths), length=64), torch.zeros(len(lengths), 64, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    widths = []
+    handle = model.get_base_model().model.register_forward_hook(lambda module, args, kwargs, out: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        states = hidden_states(model, ids, mask)
+    finally:
+        handle.remove()
+    assert sorted(widths) == [(2, 60), (4, 4)]  # short rows together, long rows together; none 64 wide
+    assert _chunks(mask, None, 4096, CPU_PASS_COST_TOKENS) == [([3, 0, 6, 2], 4), ([4, 1], 60)]
+    assert _chunks(mask, None, 4096, 4096) == [([3, 0, 6, 2, 4, 1], 60)]  # a pass costing a whole budget: one pass
+    # Row by row, unpadded, in the batch's order: the same states.
+    one_by_one = [hidden_states(model, ids[r : r + 1, :n], mask[r : r + 1, :n]) for r, n in enumerate(lengths) if n]
+    for layer, state in enumerate(states):
+        assert state.shape[0] == sum(lengths)
+        assert torch.allclose(state, torch.cat([rows[layer] for rows in one_by_one]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no real token"):
+        hidden_states(model, ids, torch.zeros_like(mask))
 
 
 def _recording_linear(d_in: int = 6, d_out: int = 5):
