@@ -223,7 +223,7 @@ class ProbeRun:
         if self._sketcher is not None:
             self._sketcher.active = False
             self._sketcher.detach()
-            self._sketcher = None  # its Gaussian projections (~40 MB for a 135M model) are not needed after the window
+            self._sketcher = None  # its Gaussian projections (one pair per layer shape) are not needed after the window
 
     def end_window(self, model: Any, step: int, meta: dict[str, Any] | None = None) -> dict[str, Comparison]:
         """Finish the window: build this run's signals, store them, compare with the other runs.

@@ -271,10 +271,14 @@ class GradientSketcher:
         layers = lora_linear_layers(model)
         if not layers:
             raise AdapterError("the model has no linear LoRA layers to sketch; pass the PeftModel being trained.")
+        shared: dict[tuple[int, int, torch.device], tuple[Tensor, Tensor]] = {}  # one draw per shape: the layers of a model share it
         for key, module in layers.items():
             device = _module_device(module)
-            omega_out, omega_in = gradient_sketch_projections(module.out_features, module.in_features, self.k, self.seed)
-            self._omegas[key] = (omega_out.to(device), omega_in.to(device))
+            shape = (module.out_features, module.in_features, device)
+            if shape not in shared:
+                omega_out, omega_in = gradient_sketch_projections(module.out_features, module.in_features, self.k, self.seed)
+                shared[shape] = (omega_out.to(device), omega_in.to(device))
+            self._omegas[key] = shared[shape]
             self._sketches[key] = torch.zeros(self.k, self.k, dtype=torch.float32, device=device)
             self._counts[key] = 0
             self._handles.append(module.register_forward_hook(self._forward_hook(key), with_kwargs=True))

@@ -83,6 +83,9 @@ def test_sketch_equals_projected_dense_gradient_on_tiny_llama():
         expected = sketch_of_gradient(grad, K, 3)
         assert sketches[key].shape == (K, K)
         assert torch.allclose(sketches[key], expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()) + 1e-10), key
+    # Every layer's q_proj has the same shape and so the same projections: one draw, held once.
+    first, second = (sketcher._omegas[k] for k in sorted(sketcher._omegas) if k.endswith("q_proj"))
+    assert first[0] is second[0] and first[1] is second[1]
 
 
 def test_sketches_accumulate_linearly_over_backward_passes():
