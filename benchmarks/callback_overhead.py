@@ -760,10 +760,13 @@ def result_notes(results: list[dict[str, Any]], threads: int) -> list[str]:
          "model (the same benchmark gave −1.4 % and +1.2 % on two occasions); 'direct' is the callback's own on_step_end time on those "
          "steps, timed inside it (its hooks are removed at the window end, so that is all it does there); 'summed' adds the tracking steps "
          "(update alignment and every pairwise feature against each stored run, every track_every steps) and step noise. On the tiny "
-         "model a steady +2–3 % remains in the A/B comparison: it comes from the libraries the callback imports (scikit-learn through the "
-         "predictor lookup, matplotlib for the heatmaps), not from its code — with predictor=None and tensorboard=False it vanishes, and "
-         "importing scikit-learn at train begin without the callback costs the same; on the default model that import makes no "
-         "measurable difference."),
+         "model (10 ms steps) a steady +1–3 % remains in the A/B comparison; earlier runs traced it to the libraries the callback "
+         "imports into the training process, not to its code (with predictor=None and tensorboard=False it vanished). Since the "
+         "retention predictor loads in a child process, scikit-learn is no longer among them; matplotlib (heatmaps) and TensorBoard's "
+         "writer are (not re-traced since). On the default model it makes no measurable difference."),
+        ("The predictor's child process needs about 3 s of CPU to load (a fresh interpreter importing NumPy, SciPy, scikit-learn and "
+         "skops); a window that ends sooner waits for the rest at its last step. On the tiny model (a window of 8 steps of 10 ms) that "
+         "wait is nearly all of its window-end step; on the default model the window takes about 17 s and nothing is waited for."),
         ("The default model is loaded with mergeprobe.models.load_base_model('default'); the benchmark then removes transformers' GGUF "
          "quantisation marker (the weights are already float32), without which Trainer refuses to train it."),
         predictor_note(results),
