@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,9 @@ class PredictorProcess:
     source:
         ``"default"`` for the shipped model, or the path of a model saved with
         :meth:`MergeProbe.save <mergeprobe.predictor.MergeProbe.save>`.
+    timeout:
+        Seconds to wait for the load or for one answer before giving up on the child
+        (a :class:`~mergeprobe.errors.PredictorError`); POSIX only, elsewhere it waits.
 
     Example
     -------
@@ -65,8 +69,9 @@ class PredictorProcess:
     ...     low = predictor.predict_lower_retention([{"update_alignment.mean": 0.4}])
     """
 
-    def __init__(self, source: str | os.PathLike[str] = "default") -> None:
+    def __init__(self, source: str | os.PathLike[str] = "default", timeout: float = 300.0) -> None:
         self.source = str(source)
+        self.timeout = timeout
         self._lock = threading.Lock()
         self._ready = False
         self._failure: str | None = None
@@ -157,6 +162,9 @@ class PredictorProcess:
     def _receive(self) -> dict[str, Any]:
         if self._failure is not None or self._process is None or self._process.stdout is None:
             raise PredictorError(self._failure or "the predictor process is closed")
+        # One reply per request, so nothing is ever left in the pipe's read buffer: select sees every line.
+        if os.name == "posix" and not select.select([self._process.stdout], [], [], self.timeout)[0]:
+            self._fail(f"no answer within {self.timeout:g} s")
         try:
             line = self._process.stdout.readline()
         except (OSError, ValueError) as err:

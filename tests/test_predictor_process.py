@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
 
 import numpy as np
 import pytest
 
 from mergeprobe.errors import PredictorError
 from mergeprobe.predictor import MergeProbe
+from mergeprobe import predictor_process
 from mergeprobe.predictor_process import PredictorProcess
 
 
@@ -75,3 +82,17 @@ def test_a_child_that_dies_is_reported_not_waited_for(fitted):
         child.predict_retention({"update_alignment.mean": 0.1})
     assert not child.alive
     child.close()  # idempotent
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the wait is bounded on POSIX only")
+def test_a_child_that_never_answers_is_given_up_on(tmp_path):
+    child = PredictorProcess(tmp_path / "absent.skops", timeout=0.5)
+    child.close()
+    # Stand in a child that hangs: it reads its requests and never answers.
+    child._process = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.stdin.read(); time.sleep(60)"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child._finalizer = weakref.finalize(child, predictor_process._shut_down, child._process, tempfile.TemporaryFile())
+    started = time.monotonic()
+    with pytest.raises(PredictorError, match="no answer within 0.5 s"):
+        child.wait_ready()
+    assert time.monotonic() - started < 30 and child._process.poll() is not None  # ended, not left behind
