@@ -446,7 +446,7 @@ def frozen_base(model: torch.nn.Module) -> Iterator[None]:
 
 
 PROBE_CHUNK_TOKENS = 4096
-"""Default token budget of one forward pass of :func:`hidden_states` (padding included)."""
+"""Default token budget of one forward pass of :func:`hidden_states` (its sequences padded to the widest of them)."""
 
 CPU_PASS_COST_TOKENS = 32
 """On the CPU a forward pass costs about as much as this many more tokens (SmolLM2-135M, one

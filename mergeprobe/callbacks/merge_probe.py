@@ -76,7 +76,9 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         fitted :class:`~mergeprobe.predictor.MergeProbe`, or ``None``. One named by
         path (or ``"default"``) is loaded in a low-priority child process while the
         window trains (:class:`~mergeprobe.predictor_process.PredictorProcess`), so
-        importing scikit-learn never stalls training; it ends with training.
+        importing scikit-learn does not hold the training process's interpreter; a
+        window shorter than the load (about 3 s of CPU) waits for the rest at its end.
+        The child ends with training.
     thresholds:
         :class:`~mergeprobe.decision.DecisionThresholds` for the set decision.
     stop_unmergeable:
